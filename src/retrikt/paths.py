@@ -1,0 +1,57 @@
+"""The file layout every stage agrees on (and dvc.yaml mirrors). Stages talk through these files only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PROCESSED = Path("data/processed")
+STORE = Path("data/store")
+MODELS = Path("models")
+REPORTS = Path("reports")
+METRICS = REPORTS / "metrics"
+PLOTS = REPORTS / "plots"
+FIGURES = REPORTS / "figures"
+
+
+def base_model(role: str) -> Path:
+    return MODELS / "base" / role
+
+
+def processed(task: str) -> Path:
+    return PROCESSED / task
+
+
+def split_file(task: str, split: str) -> Path:
+    return processed(task) / f"{split}.jsonl"
+
+
+def teacher(task: str) -> Path:
+    return MODELS / task / "teacher"
+
+
+def prompt(task: str) -> Path:
+    return MODELS / task / "prompt"
+
+
+def ppo(task: str) -> Path:
+    return MODELS / task / "ppo"
+
+
+def store(task: str) -> Path:
+    return STORE / task
+
+
+def student(task: str, method: str, layers: int, seed: int) -> Path:
+    return MODELS / task / "students" / f"{method}-L{layers}-s{seed}"
+
+
+def metrics(task: str, stage: str) -> Path:
+    return METRICS / task / f"{stage}.json"
+
+
+def student_metrics(task: str, method: str, layers: int, seed: int) -> Path:
+    return METRICS / task / "students" / f"{method}-L{layers}-s{seed}.json"
+
+
+def plot(task: str, name: str) -> Path:
+    return PLOTS / task / f"{name}.json"

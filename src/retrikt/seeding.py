@@ -1,0 +1,24 @@
+"""One seed drives python, numpy and torch (and, through torch, sampling)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG the pipeline uses and ask torch for deterministic kernels."""
+    random.seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)

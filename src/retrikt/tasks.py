@@ -1,0 +1,345 @@
+"""Task registry: the one place that knows every GLUE / SuperGLUE task RetriKT supports.
+
+Examples are plain dicts with the Hugging Face ``datasets`` field names and integer labels (see
+``shared/data/glue/README.md``). For each task a :class:`Task` knows
+
+* its input fields and label names,
+* how a classifier sees an example (:meth:`Task.render` -> ``(text_a, text_b or None)``),
+* how the generator writes an example (:meth:`Task.serialise`, a line-based ``field: value``
+  format without the label) and how generated text is read back (:meth:`Task.parse`),
+* the generator's conditioning text for a label (:meth:`Task.condition`),
+* its metrics (:meth:`Task.compute_metrics`; the first metric is the primary one).
+
+Serialisation collapses every whitespace run to one space, so values never span lines, and
+``parse(serialise(ex))`` equals the example's input fields with whitespace-normalised strings
+(:func:`normalise_ws`). Tasks with more structure than free text:
+
+COPA (choice task, label 0/1 = choice1/choice2 is the more plausible alternative)
+    Serialised as ``premise``, ``question`` (``cause``/``effect``), ``choice1``, ``choice2`` lines.
+    Classifier input: ``text_a`` = premise + " What was the cause?" / " What happened as a
+    result?", ``text_b`` = ``"choice1: <c1> choice2: <c2>"``. Both alternatives are in one pair so
+    that a single two-way cross-encoder (the same head shape as every other task) compares them
+    jointly; scoring (premise, choice) pairs separately would need a multiple-choice head.
+WSC (label 1 = the pronoun span2 refers to span1)
+    ``text: Mark told Pete many lies about *himself* ...`` style: span1 (the candidate referent)
+    is wrapped in ``*...*`` and span2 (the pronoun) in ``[...]``, inside the whitespace-normalised
+    text; markers may nest (``*[their] mothers*``). Parse recovers the word indices from the
+    marker positions and the span texts from the marked surface. When the dataset's span text
+    differs from the marked surface (about 90 rows differ in case, e.g. ``The lawyer`` vs text
+    ``the lawyer``; a few have the wrong index or attached punctuation), an extra
+    ``span1_text:`` / ``span2_text:`` line carries the exact text, so every mirror row round-trips.
+    Classifier input: ``text_a`` = the marked text, ``text_b`` = ``Does "<span2>" refer to "<span1>"?``.
+WiC (label 1 = the word has the same sense in both sentences)
+    ``word: <lemma>`` then ``sentence1``/``sentence2`` lines with the target occurrence wrapped in
+    ``*...*``; parse recovers the character offsets (of the whitespace-normalised sentences).
+    Classifier input: ``text_a`` = ``"<word>: <marked sentence1>"``, ``text_b`` = marked sentence2.
+BoolQ
+    ``question`` and ``passage`` (``"<title> -- <paragraph>"``) lines; classifier pair
+    (question, passage).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Sequence
+
+METRICS = ("accuracy", "f1", "macro_f1", "mcc")
+_INT_FIELDS = frozenset({"span1_index", "span2_index", "start1", "start2", "end1", "end2"})
+_FIELD_LINE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_]*)\s*:(.*)$")
+_EOS = re.compile(r"</s>|<eos>|<pad>|<\|[A-Za-z_]+\|>")
+
+
+def normalise_ws(text: str) -> str:
+    """Collapse every whitespace run (newlines included) to one space and strip the ends."""
+    return " ".join(text.split())
+
+
+def _read_lines(text: str, names: Sequence[str]) -> dict[str, str]:
+    """First ``name: value`` line for each wanted name (case-insensitive); values normalised.
+
+    Text after an EOS-like token (``</s>``, ``<|endoftext|>``, ...) and lines that are not wanted
+    fields are ignored, so trailing generated junk does not matter.
+    """
+    wanted = {n.lower(): n for n in names}
+    found: dict[str, str] = {}
+    for line in _EOS.split(text, maxsplit=1)[0].splitlines():
+        m = _FIELD_LINE.match(line)
+        key = wanted.get(m.group(1).lower()) if m else None
+        if key and key not in found:
+            found[key] = normalise_ws(m.group(2))
+    return found
+
+
+@dataclass(frozen=True)
+class Task:
+    """A classification task: fields, labels, metrics, classifier and generator text formats."""
+
+    name: str
+    hf_path: str
+    hf_config: str
+    mirror_dir: str
+    text_fields: tuple[str, ...]
+    extra_fields: tuple[str, ...]
+    labels: tuple[str, ...]
+    metrics: tuple[str, ...]
+    description: str
+    label_words: tuple[str, ...] = ()  # label phrases for condition(); defaults to the label names
+
+    # Serialised line names (in order) when they differ from input_fields, and optional ones.
+    _LINES: ClassVar[tuple[str, ...] | None] = None
+    _OPTIONAL: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        if not self.labels or not self.metrics or set(self.metrics) - set(METRICS):
+            raise ValueError(f"task {self.name!r}: needs labels and metrics from {METRICS}")
+        if self.label_words and len(self.label_words) != len(self.labels):
+            raise ValueError(f"task {self.name!r}: one label word per label")
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_fields(self) -> tuple[str, ...]:
+        return self.text_fields + self.extra_fields
+
+    # -- classifier input ---------------------------------------------------------------------
+    def render(self, ex: Mapping[str, Any]) -> tuple[str, str | None]:
+        """Classifier input ``(text_a, text_b)``; ``text_b`` is None for single-sentence tasks."""
+        texts = [normalise_ws(ex[f]) for f in self.text_fields]
+        return texts[0], (texts[1] if len(texts) > 1 else None)
+
+    # -- generator text -----------------------------------------------------------------------
+    def serialise(self, ex: Mapping[str, Any]) -> str:
+        """Generator target text: one ``field: value`` line per input field, no label."""
+        return "\n".join(f"{k}: {v}" for k, v in self._lines(ex).items())
+
+    def parse(self, text: str) -> dict[str, Any] | None:
+        """Input fields read back from (generated) ``serialise`` text; None if unusable."""
+        names = self._LINES or self.input_fields
+        vals = _read_lines(text, names)
+        if any(not vals.get(n) for n in names if n not in self._OPTIONAL):
+            return None
+        ex = self._from_lines(vals)
+        try:
+            if ex is not None:
+                self.validate(ex)
+        except ValueError:
+            return None
+        return ex
+
+    def _lines(self, ex: Mapping[str, Any]) -> dict[str, str]:
+        return {f: normalise_ws(ex[f]) for f in self._LINES or self.input_fields}
+
+    def _from_lines(self, vals: dict[str, str]) -> dict[str, Any] | None:
+        return {f: vals[f] for f in self.input_fields}
+
+    def condition(self, label: int) -> str:
+        """Generator conditioning text naming the task and the label in words."""
+        self._check_label(label)
+        word = (self.label_words or self.labels)[label]
+        return f"Task: {self.description}. Label: {word}.\n"
+
+    # -- validation ---------------------------------------------------------------------------
+    def validate(self, ex: Mapping[str, Any]) -> None:
+        """Raise ValueError unless ``ex`` has well-typed input fields and a valid label (if any)."""
+        if not isinstance(ex, Mapping):
+            raise ValueError(f"{self.name}: example must be a dict, got {type(ex).__name__}")
+        for f in self.input_fields:
+            if f not in ex:
+                raise ValueError(f"{self.name}: missing field '{f}'")
+            v, want = ex[f], (int if f in _INT_FIELDS else str)
+            if not isinstance(v, want) or isinstance(v, bool):
+                raise ValueError(f"{self.name}: field '{f}' must be {want.__name__}, got {type(v).__name__}")
+            if want is str and not v.strip():
+                raise ValueError(f"{self.name}: empty field '{f}'")
+        if ex.get("label") is not None:
+            self._check_label(ex["label"])
+        self._check(ex)
+
+    def _check(self, ex: Mapping[str, Any]) -> None:
+        """Task-specific checks, after the field types are known to be right."""
+
+    def _check_label(self, label: Any) -> None:
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < self.num_labels:
+            raise ValueError(f"{self.name}: bad label {label!r} (expected an int in 0..{self.num_labels - 1})")
+
+    # -- metrics ------------------------------------------------------------------------------
+    def compute_metrics(self, y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, float]:
+        """Every metric in ``self.metrics`` as a plain float (f1: binary, positive class 1)."""
+        from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+        t, p = [int(y) for y in y_true], [int(y) for y in y_pred]
+        if not t or len(t) != len(p):
+            raise ValueError(f"{self.name}: need equal, non-empty y_true/y_pred (got {len(t)}, {len(p)})")
+        fns = {
+            "accuracy": lambda: accuracy_score(t, p),
+            "f1": lambda: f1_score(t, p, pos_label=1, average="binary", zero_division=0),
+            "macro_f1": lambda: f1_score(t, p, labels=list(range(self.num_labels)), average="macro", zero_division=0),
+            "mcc": lambda: matthews_corrcoef(t, p),
+        }
+        return {m: float(fns[m]()) for m in self.metrics}
+
+
+class CopaTask(Task):
+    """COPA: pick the more plausible cause/effect; label 0/1 = choice1/choice2 (see module doc)."""
+
+    _LINES = ("premise", "question", "choice1", "choice2")
+    _QUESTIONS: ClassVar[dict[str, str]] = {"cause": "What was the cause?", "effect": "What happened as a result?"}
+
+    def render(self, ex: Mapping[str, Any]) -> tuple[str, str | None]:
+        premise, c1, c2 = (normalise_ws(ex[f]) for f in ("premise", "choice1", "choice2"))
+        return f"{premise} {self._QUESTIONS[ex['question']]}", f"choice1: {c1} choice2: {c2}"
+
+    def _from_lines(self, vals: dict[str, str]) -> dict[str, Any] | None:
+        return {**super()._from_lines(vals), "question": vals["question"].lower()}
+
+    def _check(self, ex: Mapping[str, Any]) -> None:
+        if ex["question"] not in self._QUESTIONS:
+            raise ValueError(f"{self.name}: question must be 'cause' or 'effect', got {ex['question']!r}")
+
+
+class WscTask(Task):
+    """WSC: span1 marked ``*...*``, span2 (pronoun) marked ``[...]`` inline (see module doc)."""
+
+    _LINES = ("text", "span1_text", "span2_text")
+    _OPTIONAL = ("span1_text", "span2_text")
+    _MARKS: ClassVar[tuple[tuple[str, str], ...]] = (("*", "*"), ("[", "]"))
+
+    def _mark(self, ex: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
+        """The normalised text with both spans marked, and span texts the marks cannot express."""
+        words = ex["text"].split()
+        text, events, overrides = " ".join(words), [], {}
+        for k, (opener, closer) in enumerate(self._MARKS, 1):
+            i, span = ex[f"span{k}_index"], normalise_ws(ex[f"span{k}_text"])
+            start = sum(len(w) + 1 for w in words[:i])
+            region = " ".join(words[i : i + len(span.split())])
+            end = start + (len(span) if region.lower().startswith(span.lower()) else len(region))
+            if text[start:end] != span:
+                overrides[f"span{k}_text"] = span
+            # left-to-right order at one position: closers, then openers of longer spans first
+            events += [(start, 1, -end, opener), (end, 0, -start, closer)]
+        for pos, *_, mark in sorted(events, reverse=True):
+            text = text[:pos] + mark + text[pos:]
+        return text, overrides
+
+    def _lines(self, ex: Mapping[str, Any]) -> dict[str, str]:
+        text, overrides = self._mark(ex)
+        return {"text": text, **overrides}
+
+    def _from_lines(self, vals: dict[str, str]) -> dict[str, Any] | None:
+        marked = vals["text"]
+        if any(marked.count(c) != n for c, n in (("*", 2), ("[", 1), ("]", 1))):
+            return None
+        chars: list[str] = []
+        pos: dict[str, list[int]] = {"*": [], "[": [], "]": []}
+        for ch in marked:
+            if ch in pos:
+                pos[ch].append(len(chars))
+            else:
+                chars.append(ch)
+        plain = "".join(chars)
+        out: dict[str, Any] = {"text": normalise_ws(plain)}
+        for k, (s, e) in enumerate((pos["*"], pos["["] + pos["]"]), 1):
+            surface = normalise_ws(plain[s:e])
+            if s > e or not surface:
+                return None
+            while plain[s].isspace():
+                s += 1
+            inside_word = s > 0 and not plain[s - 1].isspace()
+            out[f"span{k}_index"] = len(plain[:s].split()) - inside_word
+            out[f"span{k}_text"] = vals.get(f"span{k}_text") or surface
+        return out
+
+    def render(self, ex: Mapping[str, Any]) -> tuple[str, str | None]:
+        s1, s2 = normalise_ws(ex["span1_text"]), normalise_ws(ex["span2_text"])
+        return self._mark(ex)[0], f'Does "{s2}" refer to "{s1}"?'
+
+    def _check(self, ex: Mapping[str, Any]) -> None:
+        n = len(ex["text"].split())
+        for f in ("span1_index", "span2_index"):
+            if not 0 <= ex[f] < n:
+                raise ValueError(f"{self.name}: {f}={ex[f]} outside the text's {n} words")
+
+
+class WicTask(Task):
+    """WiC: ``word`` line, then both sentences with the target occurrence marked ``*...*``."""
+
+    _LINES = ("word", "sentence1", "sentence2")
+    _SPAN = re.compile(r"\*\s*(.*?)\s*\*")
+
+    def _marked(self, ex: Mapping[str, Any], k: int) -> str:
+        s, a, b = ex[f"sentence{k}"], ex[f"start{k}"], ex[f"end{k}"]
+        return normalise_ws(f"{s[:a]}*{s[a:b]}*{s[b:]}")
+
+    def _lines(self, ex: Mapping[str, Any]) -> dict[str, str]:
+        return {"word": normalise_ws(ex["word"]), "sentence1": self._marked(ex, 1), "sentence2": self._marked(ex, 2)}
+
+    def _from_lines(self, vals: dict[str, str]) -> dict[str, Any] | None:
+        out: dict[str, Any] = {"word": vals["word"]}
+        for k in (1, 2):
+            marked = vals[f"sentence{k}"]
+            if marked.count("*") != 2:
+                return None
+            marked = self._SPAN.sub(r"*\1*", marked)
+            start = marked.index("*")
+            end = marked.index("*", start + 1) - 1
+            if end <= start:
+                return None
+            out.update({f"sentence{k}": marked.replace("*", ""), f"start{k}": start, f"end{k}": end})
+        return out
+
+    def render(self, ex: Mapping[str, Any]) -> tuple[str, str | None]:
+        return f"{normalise_ws(ex['word'])}: {self._marked(ex, 1)}", self._marked(ex, 2)
+
+    def _check(self, ex: Mapping[str, Any]) -> None:
+        for k in (1, 2):
+            s, a, b = ex[f"sentence{k}"], ex[f"start{k}"], ex[f"end{k}"]
+            if not (0 <= a < b <= len(s)) or s[a:b] != s[a:b].strip():
+                raise ValueError(f"{self.name}: offsets {a}:{b} do not mark a word in sentence{k}")
+
+
+_NLI = ("entailment", "not_entailment")
+_TF = ("False", "True")
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("cb", "super_glue", "cb", "cb", ("premise", "hypothesis"), (),
+             ("entailment", "contradiction", "neutral"), ("accuracy", "macro_f1"),
+             "natural language inference (CommitmentBank)"),
+        CopaTask("copa", "super_glue", "copa", "copa", ("premise", "choice1", "choice2"), ("question",),
+                 ("choice1", "choice2"), ("accuracy",),
+                 "causal reasoning, choice of plausible alternatives (COPA)",
+                 ("choice1 is more plausible", "choice2 is more plausible")),
+        Task("boolq", "super_glue", "boolq", "boolq", ("question", "passage"), (), _TF, ("accuracy",),
+             "yes/no question answering (BoolQ)", ("false, the answer is no", "true, the answer is yes")),
+        WicTask("wic", "super_glue", "wic", "wic", ("sentence1", "sentence2"),
+                ("word", "start1", "start2", "end1", "end2"), _TF, ("accuracy",),
+                "word sense disambiguation in context (WiC)",
+                ("false, different senses", "true, the same sense")),
+        WscTask("wsc", "super_glue", "wsc", "wsc", ("text",),
+                ("span1_index", "span2_index", "span1_text", "span2_text"), _TF, ("accuracy",),
+                "pronoun coreference resolution (Winograd Schema Challenge)",
+                ("false, the pronoun does not refer to the marked phrase",
+                 "true, the pronoun refers to the marked phrase")),
+        Task("rte", "glue", "rte", "rte", ("sentence1", "sentence2"), (), _NLI, ("accuracy",),
+             "textual entailment recognition (RTE)", ("entailment", "not entailment")),
+        Task("superglue_rte", "super_glue", "rte", "superglue_rte", ("premise", "hypothesis"), (), _NLI,
+             ("accuracy",), "textual entailment recognition (RTE)", ("entailment", "not entailment")),
+        Task("mrpc", "glue", "mrpc", "mrpc", ("sentence1", "sentence2"), (), ("not_equivalent", "equivalent"),
+             ("f1", "accuracy"), "paraphrase identification (MRPC)", ("not equivalent", "equivalent")),
+        Task("cola", "glue", "cola", "cola", ("sentence",), (), ("unacceptable", "acceptable"),
+             ("mcc", "accuracy"), "grammatical acceptability (CoLA)"),
+        Task("sst2", "glue", "sst2", "sst2", ("sentence",), (), ("negative", "positive"), ("accuracy",),
+             "sentiment analysis (SST-2)"),
+    )
+}
+
+
+def get_task(name: str) -> Task:
+    """The registered task called ``name``; KeyError listing the known tasks otherwise."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None

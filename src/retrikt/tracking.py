@@ -1,0 +1,219 @@
+"""DVC metrics/plots files and MLflow runs, in one place. Every stage goes through :class:`StageRun`.
+
+- DVC: the stage's metrics JSON and plot rows (JSON lists) are written atomically at exit, whatever
+  happens to MLflow.
+- MLflow: one parent run per pipeline execution (keyed by git commit, DVC experiment name and the
+  params.yaml hash, so every stage of one ``dvc repro``/``dvc exp run`` nests under the same parent),
+  one nested run per stage with its params, metrics (per step for curves) and artifacts, tagged with
+  stage, task, seed, git commit and ``DVC_EXP_NAME``.
+- Store: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<repo>/mlflow.db`` where <repo> is the *main*
+  checkout even when DVC runs a queued experiment in a temporary copy under ``.dvc/tmp/exps/``, so
+  foreground and queued runs land in the same store. Artifacts go to ``<repo>/mlartifacts``.
+- If MLflow cannot be reached: one warning, and the stage carries on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Any
+
+from retrikt.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+EXPERIMENT = "retrikt"
+TELEMETRY_ENV = {
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+
+
+def disable_telemetry() -> None:
+    for k, v in TELEMETRY_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def main_repo_root(start: str | os.PathLike | None = None) -> Path:
+    """The main checkout: DVC_ROOT or cwd, with a ``.dvc/tmp/exps/<tmp>`` temp-copy suffix removed."""
+    here = Path(start or os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return here
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{main_repo_root() / 'mlflow.db'}"
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def pipeline_key(params_path: str | os.PathLike = "params.yaml") -> str:
+    p = Path(params_path)
+    h = hashlib.sha256(p.read_bytes()).hexdigest()[:12] if p.exists() else "noparams"
+    return f"{git_commit()[:12]}:{os.environ.get('DVC_EXP_NAME', 'workspace')}:{h}"
+
+
+class StageRun:
+    """Context manager for one stage execution.
+
+    >>> with StageRun("teacher", metrics_path=..., task="cb", seed=0, params={...}) as run:
+    ...     run.log_metrics({"loss": 0.3}, step=1)        # curve point (MLflow), not a DVC metric
+    ...     run.add_plot_row("teacher_curve", {"epoch": 1, "loss": 0.3})
+    ...     run.set_metrics({"accuracy": 0.8})              # final DVC metrics
+    """
+
+    _mlflow_ok: bool | None = None  # class-wide: warn once per process
+
+    def __init__(self, stage: str, *, metrics_path: str | os.PathLike | None, task: str | None = None,
+                 seed: int | None = None, params: dict | None = None, plots: dict[str, str | os.PathLike] | None = None,
+                 tags: dict[str, str] | None = None):
+        self.stage, self.task, self.seed = stage, task, seed
+        self.metrics_path = Path(metrics_path) if metrics_path else None
+        self.params = params or {}
+        self.plot_paths = {k: Path(v) for k, v in (plots or {}).items()}
+        self.plot_rows: dict[str, list[dict]] = {k: [] for k in self.plot_paths}
+        self.metrics: dict[str, Any] = {}
+        self.tags = dict(tags or {})
+        self._mlflow = None
+        self.run_id: str | None = None
+
+    # -- MLflow, guarded --------------------------------------------------------------------- #
+    def _ml(self, fn, *args, **kwargs):
+        if self._mlflow is None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - tracking must never fail a stage
+            self._disable(e)
+            return None
+
+    def _disable(self, err: Exception) -> None:
+        if StageRun._mlflow_ok is not False:
+            warnings.warn(f"MLflow tracking disabled for this stage ({type(err).__name__}: {err}); "
+                          "DVC metrics are still written", RuntimeWarning, stacklevel=3)
+        StageRun._mlflow_ok = False
+        self._mlflow = None
+
+    def _start_mlflow(self) -> None:
+        if os.environ.get("RETRIKT_MLFLOW", "1") == "0":
+            return
+        try:
+            import mlflow
+            from mlflow.tracking import MlflowClient
+
+            uri = tracking_uri()
+            mlflow.set_tracking_uri(uri)
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name(EXPERIMENT)
+            if exp is None:
+                art = (main_repo_root() / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
+                exp_id = client.create_experiment(EXPERIMENT, artifact_location=art)
+            else:
+                exp_id = exp.experiment_id
+            parent = self._parent_run(client, exp_id)
+            commit = git_commit()
+            tags = {"stage": self.stage, "git_commit": commit, "mlflow.parentRunId": parent,
+                    "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"), **self.tags}
+            if self.task:
+                tags["task"] = self.task
+            if self.seed is not None:
+                tags["seed"] = str(self.seed)
+            name = "/".join(str(x) for x in (self.stage, self.task, self.tags.get("variant")) if x)
+            run = client.create_run(exp_id, run_name=name, tags=tags)
+            self._mlflow, self._client, self.run_id = mlflow, client, run.info.run_id
+            flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in _flatten(self.params).items()}
+            for i in range(0, len(flat), 100):
+                chunk = dict(list(flat.items())[i:i + 100])
+                self._ml(self._client.log_batch, self.run_id,
+                         params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in chunk.items()])
+        except Exception as e:  # noqa: BLE001
+            self._disable(e)
+
+    def _parent_run(self, client, exp_id: str) -> str:
+        key = pipeline_key()
+        found = client.search_runs([exp_id], filter_string=f"tags.pipeline_key = '{key}'", max_results=1)
+        if found:
+            return found[0].info.run_id
+        commit, exp_name = git_commit(), os.environ.get("DVC_EXP_NAME", "workspace")
+        run = client.create_run(exp_id, run_name=f"pipeline/{exp_name}",
+                                tags={"pipeline_key": key, "git_commit": commit, "dvc_exp_name": exp_name,
+                                      "stage": "pipeline"})
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id
+
+    # -- public API ---------------------------------------------------------------------------- #
+    def __enter__(self) -> "StageRun":
+        self._start_mlflow()
+        return self
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Curve points / intermediate values: MLflow only (DVC plots go through add_plot_row)."""
+        if self._mlflow is None:
+            return
+        from mlflow.entities import Metric
+        import time
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in _flatten(metrics).items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        self._ml(self._client.log_batch, self.run_id, metrics=items)
+
+    def add_plot_row(self, name: str, row: dict[str, Any], step_key: str | None = None) -> None:
+        """Append a row to DVC plot ``name`` and log its numbers to MLflow at step row[step_key]."""
+        self.plot_rows.setdefault(name, []).append(row)
+        step = int(row[step_key]) if step_key and step_key in row else len(self.plot_rows[name])
+        self.log_metrics({f"{name}.{k}": v for k, v in row.items() if k != step_key}, step=step)
+
+    def set_metrics(self, metrics: dict[str, Any]) -> None:
+        """Final metrics: written to the DVC metrics JSON and logged to MLflow."""
+        self.metrics.update(metrics)
+        self.log_metrics(metrics)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if self._mlflow is not None and Path(path).exists():
+            fn = self._client.log_artifacts if Path(path).is_dir() else self._client.log_artifact
+            self._ml(fn, self.run_id, str(path), artifact_path)
+
+    def write_files(self) -> None:
+        for name, rows in self.plot_rows.items():
+            path = self.plot_paths.get(name)
+            if path is not None:
+                atomic_write_json(path, rows)
+        if self.metrics_path is not None:
+            atomic_write_json(self.metrics_path, self.metrics)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.write_files()
+        if self._mlflow is not None:
+            status = "FINISHED" if exc_type is None else "FAILED"
+            self._ml(self._client.set_terminated, self.run_id, status)

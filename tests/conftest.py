@@ -1,0 +1,140 @@
+"""Shared fixtures: tiny models built in the test session (tiny configs, tokenizers trained on the fly).
+
+Nothing here touches the network: HF is forced offline and MLflow writes to a temporary sqlite store.
+The `slow` tests use the real registry models (SmolLM2-135M, all-MiniLM-L6-v2).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+_MLFLOW_DIR = tempfile.mkdtemp(prefix="retrikt-mlflow-")
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_MLFLOW_DIR}/mlflow.db"
+from retrikt.tracking import disable_telemetry  # noqa: E402
+
+disable_telemetry()
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("RETRIKT_DATA_DIR") or REPO.parent / "shared" / "data" / "glue")
+FIXTURES = Path(__file__).parent / "fixtures"
+
+CORPUS = [
+    "premise: the cat sat on the mat . hypothesis: a cat is sitting .",
+    "premise: it rained all day . hypothesis: the ground is dry .",
+    "question: cause effect choice1: choice2: text: sentence1: sentence2: passage: word:",
+    "Task: natural language inference . Label: entailment contradiction neutral .",
+    "Write a new example for the task described below . what was the cause ? happened as a result",
+    "the quick brown fox jumps over the lazy dog , and the dog sleeps .",
+    "yes no true false positive negative good bad great terrible movie film",
+]
+
+
+def _word_tokenizer(kind: str):
+    """A tiny tokenizer trained on CORPUS: WordPiece (BERT-like) or BPE (decoder-like)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = CORPUS * 3 + [chr(c) for c in range(32, 127)]
+    if kind == "wordpiece":
+        special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=400, special_tokens=special))
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def make_tiny_encoder(path: Path, layers: int = 4) -> Path:
+    """A BERT-like encoder folder (BertModel + WordPiece tokenizer), H=32."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    tok = _word_tokenizer("wordpiece")
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=256, type_vocab_size=2)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_tiny_causal(path: Path) -> Path:
+    """A Llama-like causal LM folder + BPE tokenizer, H=32."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = _word_tokenizer("bpe")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_tiny_seq2seq(path: Path) -> Path:
+    """A T5-like encoder-decoder folder + BPE tokenizer, d_model=32."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    tok = _word_tokenizer("bpe")
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
+                   num_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
+    T5ForConditionalGeneration(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    return make_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_dir(tmp_path_factory) -> Path:
+    return make_tiny_causal(tmp_path_factory.mktemp("tiny-causal"))
+
+
+@pytest.fixture(scope="session")
+def tiny_seq2seq_dir(tmp_path_factory) -> Path:
+    return make_tiny_seq2seq(tmp_path_factory.mktemp("tiny-seq2seq"))
+
+
+@pytest.fixture
+def in_tmp_repo(tmp_path, monkeypatch) -> Path:
+    """Run a test inside an empty working directory (stages write relative paths)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    if not (MIRROR / "cb" / "train.jsonl").exists():
+        pytest.skip(f"GLUE mirror not found at {MIRROR}")
+    return MIRROR

@@ -1,0 +1,29 @@
+"""The CLI answers fast and lazily: `retrikt --help` must not import torch or transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+
+def test_help_lists_commands_fast_without_torch():
+    code = ("import sys, runpy; sys.argv=['retrikt','--help']\n"
+            "try:\n    runpy.run_module('retrikt.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "heavy=[m for m in ('torch','transformers','mlflow','faiss','dvc') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - t
+    assert "HEAVY []" in out.stdout, out.stdout[-500:]
+    for cmd in ("prepare", "resolve-model", "check-params"):
+        assert cmd in out.stdout
+    assert elapsed < 5  # interpreter start included; measured ~0.3 s here
+
+
+def test_unknown_task_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "retrikt.cli", "prepare", "imdb", "--params",
+                          str(__import__("pathlib").Path(__file__).resolve().parents[1] / "params.yaml")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("retrikt: error: unknown task 'imdb'; known tasks:")

@@ -1,0 +1,100 @@
+"""params.yaml validation: defaults load; every kind of bad input is one line naming the key; exit 2."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from retrikt.params import ParamsError, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+RAW = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def _with(path: str, value):
+    raw = copy.deepcopy(RAW)
+    *parents, last = path.split(".")
+    node = raw
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    return raw
+
+
+def test_defaults_load_and_are_typed():
+    p = load_params(REPO / "params.yaml")
+    assert p.tasks == ["cb"] and p.student.layers == [2, 4]
+    assert isinstance(p.teacher.lr, float) and p.models.generator.source == "registry"
+    assert p.model_spec("encoder").name == "all-minilm-l6-v2"
+
+
+@pytest.mark.parametrize("path,value,expect", [
+    ("data.trian_limit", 100, "data.trian_limit: unknown key (did you mean 'train_limit'?)"),
+    ("seeed", 1, "seeed: unknown key (did you mean 'seed'?)"),
+    ("teacher.epochs", "ten", "teacher.epochs: expected an integer, got 'ten'"),
+    ("teacher.epochs", 1.5, "teacher.epochs: expected an integer, got 1.5"),
+    ("teacher.lr", 0, "teacher.lr: 0.0 is out of range (must be > 0)"),
+    ("rl.top_p", 1.5, "rl.top_p: 1.5 is out of range (must be <= 1)"),
+    ("rl.enabled", "yes", "rl.enabled: expected true/false, got 'yes'"),
+    ("rl.algorithm", "dpo", "rl.algorithm: 'dpo' is not one of ppo, grpo, rloo"),
+    ("index.type", "lsh", "index.type: 'lsh' is not one of flat, ivf, hnsw"),
+    ("student.methods", ["finetune", "distill"], "student.methods[1]: 'distill' is not one of"),
+    ("student.layers", [2, 2], "student.layers: has duplicate entries"),
+    ("student.layers", [], "student.layers: must not be empty"),
+    ("data.train_limit", 0, "data.train_limit: 0 is out of range (must be >= 1)"),
+    ("tasks", ["cb", "imdb"], "tasks[1]: unknown task 'imdb'; known tasks: boolq, cb,"),
+    ("models.generator.source", "ftp", "models.generator.source: 'ftp' is not one of registry, hub, local"),
+    ("models.encoder.package", None, "models.encoder.package: required when source is 'registry'"),
+    ("teacher.model", "bert", "models.bert: no such model; known: encoder, generator"),
+])
+def test_bad_values_name_the_key(path, value, expect):
+    with pytest.raises(ParamsError) as e:
+        parse_params(_with(path, value))
+    msg = str(e.value)
+    assert msg.startswith(expect) and "\n" not in msg
+
+
+def test_missing_required_group():
+    raw = copy.deepcopy(RAW)
+    del raw["models"]
+    with pytest.raises(ParamsError, match="^models: missing$"):
+        parse_params(raw)
+
+
+def test_cross_field_checks():
+    with pytest.raises(ParamsError, match="rl.mini_batch_size"):
+        parse_params(_with("rl.mini_batch_size", 64))
+    with pytest.raises(ParamsError, match="student.retrieval_top_k"):
+        parse_params(_with("student.retrieval_top_k", 1000))
+
+
+def test_extra_model_specs_are_validated():
+    raw = _with("models.teacher_big", {"name": "bert-base", "source": "hub", "hub_id": "bert-base-uncased"})
+    raw["teacher"]["model"] = "teacher_big"
+    assert parse_params(raw).model_spec("teacher_big").hub_id == "bert-base-uncased"
+    with pytest.raises(ParamsError, match="models.teacher_big.hub_id: required"):
+        parse_params(_with("models.teacher_big", {"name": "x", "source": "hub"}))
+
+
+def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(_with("data.trian_limit", 100)))
+    stamp = tmp_path / "params.ok"
+    out = subprocess.run([sys.executable, "-m", "retrikt.cli", "check-params", "--params", str(bad),
+                          "--out", str(stamp)], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines == ["retrikt: error: params: data.trian_limit: unknown key (did you mean 'train_limit'?)"]
+    assert not stamp.exists()
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("seed: [0\n")
+    with pytest.raises(ParamsError, match="invalid YAML"):
+        load_params(bad)

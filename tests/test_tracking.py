@@ -1,0 +1,73 @@
+"""Tracking: DVC metrics/plots files + MLflow runs in a temporary sqlite store, read back via the client."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from retrikt.io import read_json
+from retrikt.tracking import StageRun, main_repo_root
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-test")
+    monkeypatch.setattr(StageRun, "_mlflow_ok", None)
+    return uri
+
+
+def test_stage_run_writes_dvc_files_and_mlflow(store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    mpath, ppath = tmp_path / "m.json", tmp_path / "p.json"
+    with StageRun("teacher", metrics_path=mpath, task="cb", seed=3, params={"teacher": {"lr": 0.1}},
+                  plots={"curve": ppath}) as run:
+        for epoch in (1, 2):
+            run.add_plot_row("curve", {"epoch": epoch, "loss": 1.0 / epoch}, step_key="epoch")
+        run.set_metrics({"accuracy": 0.75})
+    assert read_json(mpath) == {"accuracy": 0.75}
+    assert read_json(ppath) == [{"epoch": 1, "loss": 1.0}, {"epoch": 2, "loss": 0.5}]
+
+    client = MlflowClient(store)
+    r = client.get_run(run.run_id)
+    assert r.data.params["teacher.lr"] == "0.1" and r.data.metrics["accuracy"] == 0.75
+    assert r.data.tags["stage"] == "teacher" and r.data.tags["task"] == "cb" and r.data.tags["seed"] == "3"
+    assert r.data.tags["dvc_exp_name"] == "exp-test" and "git_commit" in r.data.tags
+    assert [m.value for m in client.get_metric_history(run.run_id, "curve.loss")] == [1.0, 0.5]
+    parent = client.get_run(r.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["stage"] == "pipeline"
+
+    with StageRun("prepare", metrics_path=None, task="cb") as run2:  # same pipeline -> same parent
+        pass
+    assert client.get_run(run2.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+
+def test_unreachable_mlflow_warns_once_and_stage_succeeds(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setattr(StageRun, "_mlflow_ok", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with StageRun("teacher", metrics_path=tmp_path / "m.json", task="cb") as run:
+            run.set_metrics({"accuracy": 0.5})
+    assert read_json(tmp_path / "m.json") == {"accuracy": 0.5}
+    assert sum("MLflow tracking disabled" in str(w.message) for w in caught) == 1
+
+
+def test_failed_stage_writes_no_metrics(store, tmp_path):
+    with pytest.raises(RuntimeError):
+        with StageRun("teacher", metrics_path=tmp_path / "m.json") as run:
+            run.set_metrics({"accuracy": 1.0})
+            raise RuntimeError("boom")
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_queued_experiment_copies_track_into_the_main_repo(tmp_path):
+    tmp_copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpab12"
+    tmp_copy.mkdir(parents=True)
+    assert main_repo_root(tmp_copy) == (tmp_path / "repo").resolve()
+    assert main_repo_root(tmp_path) == tmp_path.resolve()
