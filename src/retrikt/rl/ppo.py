@@ -1,0 +1,380 @@
+"""PPO for a soft prompt (RetriKT step 2): only the prompt embeddings and a value head are trained.
+
+The generator (causal or seq2seq Hugging Face model) is wrapped with PEFT prompt tuning and stays
+frozen. Everything the policy does goes through one function, :meth:`SoftPromptPPO._context`,
+that prepends the virtual-token embeddings to the embedded condition exactly like PEFT does
+(causal: before the whole input; seq2seq: before the encoder input; PEFT prompt tuning never feeds
+the decoder). Sampling is our own KV-cached loop so that the sampled distribution, the stored
+("old") log-probs and the training log-probs come from the same computation, and so that a
+``torch.Generator`` seeded from the config makes runs reproducible.
+
+Reference policy: the same frozen base model with a frozen copy of the initial (step-1) prompt
+tensor swapped in; no second model is kept.
+Value head: ``Linear(hidden_size, 1)`` over the generator's last hidden state (the decoder's for
+seq2seq) at the position that predicts each response token, on detached features, so the value
+loss trains the head only and never moves the prompt.
+Rewards per token: ``-kl_coef * (logp - ref_logp)`` at every response token plus the scalar
+score at the last response token (the EOS if one was sampled), then GAE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RewardFn = Callable[[list[str], list[str]], dict[str, Any]]
+"""``reward_fn(texts, conditions) -> {"reward": [float] * n, **optional components to log}``."""
+
+
+# --------------------------------------------------------------------------------------- math
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1 (over ``dim`` or everything)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise ``x`` to zero mean / unit variance over the masked positions (masked ones -> 0)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over token sequences ``[B, T]``.
+
+    ``mask`` marks the response tokens, a left-aligned prefix of each row: the state after the
+    last valid token is terminal (value 0). Returns ``(advantages, returns = advantages + values)``,
+    both 0 at masked positions and detached.
+    """
+    rewards, values = rewards * mask, values * mask
+    last = torch.zeros_like(rewards[:, 0])
+    advs = []
+    for t in reversed(range(rewards.shape[1])):
+        next_v = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = delta + gamma * lam * last
+        advs.append(last)
+    adv = torch.stack(advs[::-1], dim=1) * mask
+    return adv.detach(), (adv + values).detach()
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped surrogate ``mean(max(-A r, -A clip(r, 1-c, 1+c)))`` over masked tokens; also the clip fraction."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(pg1, pg2), mask)
+    return loss, masked_mean((pg2 > pg1).float(), mask).detach()
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_value: float
+) -> torch.Tensor:
+    """Clipped value loss ``0.5 * mean(max((v - R)^2, (old + clip(v - old, -c, c) - R)^2))``."""
+    clipped = old_values + torch.clamp(values - old_values, -clip_value, clip_value)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def kl_penalty_rewards(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, coef: float
+) -> torch.Tensor:
+    """Per-token reward ``-coef * (logp - ref_logp)`` (sampled-token KL estimate), 0 where masked."""
+    return -coef * (logprobs - ref_logprobs) * mask
+
+
+def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean over tokens of the entropy of ``softmax(logits)`` (logits ``[B, T, V]``)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+
+
+class FixedKLController:
+    """Constant KL coefficient."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """No-op."""
+
+
+class AdaptiveKLController(FixedKLController):
+    """Adaptive KL coefficient (Ziegler et al., 2019): steer the per-sequence KL towards ``target``."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int) -> None:
+        super().__init__(kl_coef)
+        self.target, self.horizon = target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """``value *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon``."""
+        error = float(np.clip(current_kl / self.target - 1.0, -0.2, 0.2))
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+
+# ------------------------------------------------------------------------------------ trainer
+@dataclass
+class PPOConfig:
+    """Hyper-parameters of :class:`SoftPromptPPO` (``value_lr`` defaults to ``lr``)."""
+
+    lr: float = 1e-2
+    value_lr: float | None = None
+    batch_size: int = 16
+    mini_batch_size: int = 8
+    ppo_epochs: int = 4
+    clip: float = 0.2
+    clip_value: float = 0.2
+    vf_coef: float = 0.5
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.1
+    adaptive_kl: bool = False
+    target_kl: float = 6.0
+    horizon: int = 10000
+    max_grad_norm: float = 1.0
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    whiten_advantages: bool = True
+    seed: int = 0
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses and what PPO needs about them (all ``[B, T]`` but queries)."""
+
+    q_ids: torch.Tensor
+    q_mask: torch.Tensor
+    r_ids: torch.Tensor
+    r_mask: torch.Tensor
+    texts: list[str]
+    logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip (left) padding: virtual tokens at 0..V-1, real tokens after."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class SoftPromptPPO:
+    """PPO on the soft prompt of a PEFT prompt-tuning model (causal or seq2seq generator).
+
+    ``model`` is a ``PeftModelForCausalLM`` / ``PeftModelForSeq2SeqLM`` whose active adapter is a
+    prompt-tuning prompt (the step-1 prompt); it is trained in place, so ``model.save_pretrained``
+    saves the RL-tuned prompt. ``reward_fn(texts, conditions)`` scores decoded responses.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, config: PPOConfig, reward_fn: RewardFn) -> None:
+        self.model, self.tok, self.cfg, self.reward_fn = model, tokenizer, config, reward_fn
+        self.base = model.get_base_model()
+        self.embed = self.base.get_input_embeddings()
+        self.seq2seq = bool(getattr(self.base.config, "is_encoder_decoder", False))
+        self.n_virtual = model.active_peft_config.num_virtual_tokens
+        self.prompt_weight: nn.Parameter = model.prompt_encoder[model.active_adapter].embedding.weight
+        self.prompt_weight.requires_grad_(True)
+        self.ref_prompt = self.prompt_weight.detach().clone()  # frozen step-1 prompt = reference policy
+        self.device = self.prompt_weight.device
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        model.eval()  # no dropout: old / new / reference log-probs must be comparable
+        self.value_head = nn.Linear(self.base.config.get_text_config().hidden_size, 1).to(self.device)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.optimizer = torch.optim.Adam(
+            [
+                {"params": [self.prompt_weight], "lr": config.lr},
+                {"params": self.value_head.parameters(), "lr": config.value_lr or config.lr},
+            ]
+        )
+        self.kl_ctl = (
+            AdaptiveKLController(config.kl_coef, config.target_kl, config.horizon)
+            if config.adaptive_kl
+            else FixedKLController(config.kl_coef)
+        )
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer needs an EOS token to end responses")
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.start_id = getattr(self.base.config, "decoder_start_token_id", None)
+        if self.start_id is None:
+            self.start_id = self.pad_id
+        self._sample_gen = torch.Generator(device=self.device).manual_seed(config.seed)
+        self._shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
+        self.n_updates = 0
+
+    # ---------------------------------------------------------------------------- policy pieces
+    def _encode(self, conditions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenise conditions; left-pad for causal generators, right-pad for seq2seq encoders."""
+        seqs = [self.tok(c)["input_ids"] for c in conditions]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            sl = slice(0, len(s)) if self.seq2seq else slice(width - len(s), width)
+            ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _context(
+        self, prompt: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[virtual tokens; embedded ids]`` and its attention mask (as PEFT prompt tuning does)."""
+        emb = self.embed(ids)
+        virt = prompt[: self.n_virtual].to(emb.dtype).unsqueeze(0).expand(ids.shape[0], -1, -1)
+        ones = torch.ones(ids.shape[0], self.n_virtual, dtype=mask.dtype, device=mask.device)
+        return torch.cat([virt, emb], dim=1), torch.cat([ones, mask], dim=1)
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Sample one token per row from temperature-scaled, top-p filtered logits."""
+        probs = F.softmax(logits.float() / self.cfg.temperature, dim=-1)
+        if self.cfg.top_p < 1.0:
+            sorted_p, idx = probs.sort(dim=-1, descending=True)
+            sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > self.cfg.top_p, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        return torch.multinomial(probs, 1, generator=self._sample_gen).squeeze(-1)
+
+    @torch.no_grad()
+    def generate(self, conditions: Sequence[str]) -> Rollout:
+        """Sample one response per condition with the current prompt (KV-cached loop)."""
+        q_ids, q_mask = self._encode(conditions)
+        emb, am = self._context(self.prompt_weight, q_ids, q_mask)
+        b = q_ids.shape[0]
+        if self.seq2seq:
+            enc = self.base.get_encoder()(inputs_embeds=emb, attention_mask=am)
+            start = torch.full((b, 1), self.start_id, dtype=torch.long, device=self.device)
+            kw: dict[str, Any] = {"encoder_outputs": enc, "attention_mask": am, "decoder_input_ids": start}
+        else:
+            pos = _positions(am)
+            kw = {"inputs_embeds": emb, "attention_mask": am, "position_ids": pos}
+        cache, tokens = None, []
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        for _ in range(self.cfg.max_new_tokens):
+            out = self.base(**kw, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            tok = self._sample(out.logits[:, -1]).masked_fill(done, self.pad_id)
+            tokens.append(tok)
+            done |= tok == self.eos_id
+            if bool(done.all()):
+                break
+            if self.seq2seq:
+                kw = {"encoder_outputs": enc, "attention_mask": am, "decoder_input_ids": tok[:, None]}
+            else:
+                am = torch.cat([am, torch.ones_like(am[:, :1])], dim=1)
+                pos = pos[:, -1:] + 1
+                kw = {"input_ids": tok[:, None], "attention_mask": am, "position_ids": pos}
+        r_ids = torch.stack(tokens, dim=1)
+        is_eos = (r_ids == self.eos_id).long()
+        r_mask = ((is_eos.cumsum(1) - is_eos) == 0).long()  # up to and including the first EOS
+        kept = [[t for t in row[:n].tolist() if t != self.eos_id] for row, n in zip(r_ids, r_mask.sum(1).tolist())]
+        texts = self.tok.batch_decode(kept, skip_special_tokens=True)
+        return Rollout(q_ids, q_mask, r_ids, r_mask, [t.strip() for t in texts])
+
+    def _forward(
+        self, prompt: torch.Tensor, ro: Rollout, idx: slice | torch.Tensor = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Temperature-scaled logits ``[b, T, V]`` and last hidden states ``[b, T, H]`` at the
+        positions predicting each response token (rows ``idx`` of the rollout)."""
+        q_ids, q_mask, r_ids, r_mask = ro.q_ids[idx], ro.q_mask[idx], ro.r_ids[idx], ro.r_mask[idx]
+        emb, am = self._context(prompt, q_ids, q_mask)
+        t = r_ids.shape[1]
+        if self.seq2seq:
+            start = torch.full_like(r_ids[:, :1], self.start_id)
+            out = self.base(
+                inputs_embeds=emb, attention_mask=am, decoder_input_ids=torch.cat([start, r_ids[:, :-1]], 1),
+                output_hidden_states=True,
+            )
+            logits, hidden = out.logits, out.decoder_hidden_states[-1]
+        else:
+            full_am = torch.cat([am, r_mask], dim=1)
+            out = self.base(
+                inputs_embeds=torch.cat([emb, self.embed(r_ids)], dim=1), attention_mask=full_am,
+                position_ids=_positions(full_am), output_hidden_states=True, logits_to_keep=t + 1,
+            )
+            logits, hidden = out.logits[:, :t], out.hidden_states[-1][:, -t - 1 : -1]
+        return logits.float() / self.cfg.temperature, hidden
+
+    def _values(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.value_head(hidden.detach().float()).squeeze(-1)
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return torch.gather(F.log_softmax(logits, dim=-1), 2, ids.unsqueeze(-1)).squeeze(-1)
+
+    # ------------------------------------------------------------------------------- PPO update
+    def step(self, conditions: Sequence[str]) -> dict[str, float]:
+        """One PPO update: rollout on ``conditions``, score, GAE, ``ppo_epochs`` over minibatches."""
+        cfg, conditions = self.cfg, list(conditions)
+        ro = self.generate(conditions)
+        scored = self.reward_fn(ro.texts, conditions)
+        score = torch.tensor(scored["reward"], dtype=torch.float, device=self.device)
+        mask = ro.r_mask.float()
+        with torch.no_grad():
+            logits, hidden = self._forward(self.prompt_weight, ro)
+            ro.logprobs, ro.values = self._logprobs(logits, ro.r_ids), self._values(hidden)
+            ro.ref_logprobs = self._logprobs(self._forward(self.ref_prompt, ro)[0], ro.r_ids)
+            del logits, hidden
+        rewards = kl_penalty_rewards(ro.logprobs, ro.ref_logprobs, mask, self.kl_ctl.value)
+        last = (ro.r_mask.sum(1) - 1).clamp(min=0)
+        rewards[torch.arange(len(last)), last] += score
+        adv, returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = masked_whiten(adv, mask)
+
+        log: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_frac": [], "entropy": []}
+        n = len(conditions)
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(n, generator=self._shuffle_gen).to(self.device)
+            for s in range(0, n, cfg.mini_batch_size):
+                mb = perm[s : s + cfg.mini_batch_size]
+                m = mask[mb]
+                logits, hidden = self._forward(self.prompt_weight, ro, mb)
+                logp = self._logprobs(logits, ro.r_ids[mb])
+                pg, clip_frac = ppo_policy_loss(logp, ro.logprobs[mb], adv[mb], m, cfg.clip)
+                vl = value_loss(self._values(hidden), ro.values[mb], returns[mb], m, cfg.clip_value)
+                self.optimizer.zero_grad(set_to_none=True)
+                (pg + cfg.vf_coef * vl).backward()
+                nn.utils.clip_grad_norm_([self.prompt_weight], cfg.max_grad_norm)
+                nn.utils.clip_grad_norm_(self.value_head.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                with torch.no_grad():
+                    ent = entropy_from_logits(logits, m)
+                for k, v in zip(log, (pg, vl, clip_frac, ent)):
+                    log[k].append(float(v.detach()))
+
+        kl = float(((ro.logprobs - ro.ref_logprobs) * mask).sum(1).mean())  # per-sequence KL
+        stats = {"reward": float(score.mean()), "kl": kl, "kl_coef": self.kl_ctl.value}
+        stats.update({k: float(np.mean(v)) for k, v in log.items()})
+        stats["response_length"] = float(mask.sum(1).mean())
+        for k, v in scored.items():  # pass numeric components through (lists -> batch mean)
+            arr = np.asarray(v)
+            if k != "reward" and arr.dtype.kind in "biuf" and arr.size:
+                stats[k] = float(arr.mean())
+        self.kl_ctl.update(kl, n)
+        self.n_updates += 1
+        return stats
+
+    def train(
+        self,
+        condition_sampler: Callable[[int], list[str]],
+        num_updates: int,
+        callback: Callable[[int, dict[str, float]], Any] | None = None,
+    ) -> list[dict[str, float]]:
+        """``num_updates`` PPO steps on ``condition_sampler(batch_size)``; ``callback(update, stats)`` after each."""
+        history = []
+        for _ in range(num_updates):
+            stats = self.step(condition_sampler(self.cfg.batch_size))
+            history.append(stats)
+            if callback is not None:
+                callback(self.n_updates - 1, stats)
+        return history

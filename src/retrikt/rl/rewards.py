@@ -1,0 +1,129 @@
+"""Reward components for the RL stage (step 2 of RetriKT): accuracy, diversity, length, parse.
+
+Pure Python + numpy. The stage builds ``parse_fn`` / ``prob_fn`` closures (sample parser, teacher
+reward model) and hands :func:`compute_rewards` to the RL trainer as ``reward_fn(texts)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+BLEU_SMOOTH_EPS = 0.1  # smoothing method 1 (Chen & Cherry 2014; NLTK ``method1``)
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def _bleu(hyp: list[str], refs: list[list[str]], max_n: int) -> float:
+    """Sentence BLEU of ``hyp`` against ``refs`` (uniform weights, smoothing method 1).
+
+    p_n = sum_g min(count_hyp(g), max_r count_r(g)) / max(1, #hyp n-grams); a zero numerator
+    becomes ``BLEU_SMOOTH_EPS / max(1, #hyp n-grams)``. BLEU = BP * exp(mean_n log p_n) with
+    BP = 1 if c > r else exp(1 - r / c), r = reference length closest to c (ties: the shorter).
+    Unlike NLTK we do not return 0 when no unigram matches, so disjoint texts get a small smoothed
+    value; an empty hypothesis scores 0.
+    """
+    c = len(hyp)
+    if c == 0 or not refs:
+        return 0.0
+    log_p = 0.0
+    for n in range(1, max_n + 1):
+        hyp_counts = _ngrams(hyp, n)
+        max_ref: Counter = Counter()
+        for ref in refs:
+            for g, k in _ngrams(ref, n).items():
+                max_ref[g] = max(max_ref[g], k)
+        clipped = sum(min(k, max_ref[g]) for g, k in hyp_counts.items())
+        denom = max(1, sum(hyp_counts.values()))
+        log_p += math.log((clipped if clipped > 0 else BLEU_SMOOTH_EPS) / denom)
+    r = min((len(ref) for ref in refs), key=lambda length: (abs(length - c), length))
+    bp = 1.0 if c > r else math.exp(1.0 - r / c)
+    return bp * math.exp(log_p / max_n)
+
+
+def self_bleu(texts: list[str], max_n: int = 4) -> list[float]:
+    """Per-text BLEU-``max_n`` against all other texts of the batch (lower-cased whitespace tokens).
+
+    A batch with fewer than two texts has no references and scores 0.0 everywhere.
+    """
+    toks = [t.lower().split() for t in texts]
+    if len(toks) < 2:
+        return [0.0] * len(toks)
+    return [_bleu(h, toks[:i] + toks[i + 1 :], max_n) for i, h in enumerate(toks)]
+
+
+def corpus_self_bleu(texts: list[str], max_n: int = 4) -> float:
+    """Mean :func:`self_bleu` of a batch (0.0 for an empty batch)."""
+    scores = self_bleu(texts, max_n)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def length_bounds(lengths: Sequence[float], low_pct: float = 5, high_pct: float = 95) -> tuple[float, float]:
+    """(L_min, L_max): the ``low_pct`` / ``high_pct`` percentiles of the train split's lengths."""
+    lo, hi = np.percentile(np.asarray(lengths, dtype=float), [low_pct, high_pct])
+    return float(lo), float(hi)
+
+
+def length_penalty(n: float, l_min: float, l_max: float, scale: float = 1.0) -> float:
+    """0 inside [l_min, l_max]; ``scale * (l_min - n) / l_min`` below, ``scale * (n - l_max) / l_max`` above."""
+    if n < l_min:
+        return scale * (l_min - n) / max(l_min, 1e-8)
+    if n > l_max:
+        return scale * (n - l_max) / max(l_max, 1e-8)
+    return 0.0
+
+
+@dataclass
+class RewardWeights:
+    """total = acc * accuracy + div * diversity - len * length_penalty - parse_penalty * unparsable."""
+
+    acc: float = 1.0
+    div: float = 0.5
+    len: float = 0.1
+    parse_penalty: float = 1.0
+
+
+def compute_rewards(
+    texts: list[str],
+    labels: Sequence[int],
+    parse_fn: Callable[[str], dict | None],
+    prob_fn: Callable[[list[dict]], np.ndarray],
+    weights: RewardWeights,
+    len_bounds: tuple[float, float],
+    length_fn: Callable[[str], int] = lambda t: len(t.split()),
+) -> dict[str, Any]:
+    """Per-sample rewards and their components for generated ``texts`` conditioned on ``labels``.
+
+    accuracy_i = prob_fn(parsed)[j, labels_i] for the j-th parsed sample, 0 when ``parse_fn``
+    returns None (which also costs ``weights.parse_penalty``); diversity_i = 1 - self-BLEU_i over
+    the whole batch; length penalty from :func:`length_penalty` (scale 1, weighted by
+    ``weights.len``) on ``length_fn(text)`` (default: whitespace words).
+    Returns lists ``reward, accuracy, diversity, length_penalty, parse_fail`` and their means
+    under ``mean_<name>``.
+    """
+    n = len(texts)
+    parsed = [parse_fn(t) for t in texts]
+    ok = [i for i, p in enumerate(parsed) if p is not None]
+    acc = np.zeros(n)
+    if ok:
+        probs = np.asarray(prob_fn([parsed[i] for i in ok]), dtype=float)
+        acc[ok] = probs[np.arange(len(ok)), [int(labels[i]) for i in ok]]
+    fail = np.array([p is None for p in parsed], dtype=float)
+    div = 1.0 - np.asarray(self_bleu(texts), dtype=float) if n else np.zeros(0)
+    lpen = np.array([length_penalty(length_fn(t), *len_bounds) for t in texts], dtype=float)
+    total = weights.acc * acc + weights.div * div - weights.len * lpen - weights.parse_penalty * fail
+    out: dict[str, Any] = {
+        "reward": total.tolist(),
+        "accuracy": acc.tolist(),
+        "diversity": div.tolist(),
+        "length_penalty": lpen.tolist(),
+        "parse_fail": fail.tolist(),
+    }
+    out.update({f"mean_{k}": float(np.mean(v)) if n else 0.0 for k, v in list(out.items())})
+    return out

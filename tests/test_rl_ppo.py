@@ -1,0 +1,255 @@
+"""Golden tests of the PPO maths and learning / smoke tests of SoftPromptPPO on tiny offline models.
+
+The tiny builders here are reused by tests/test_rl_trl.py.
+"""
+
+import math
+import time
+
+import pytest
+import torch
+from peft import PromptTuningConfig, TaskType, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+from retrikt.rl.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    PPOConfig,
+    SoftPromptPPO,
+    entropy_from_logits,
+    gae,
+    kl_penalty_rewards,
+    ppo_policy_loss,
+    value_loss,
+)
+
+WORDS = "good bad movie film great awful the a is was plot actor review positive negative label text".split()
+
+
+# ------------------------------------------------------------------------------ tiny builders
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over WORDS: [PAD]=0, [BOS]=1 (prepended), [EOS]=2, [UNK]=3."""
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[BOS]", "[EOS]", "[UNK]"] + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
+    tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]"
+    )
+
+
+def tiny_causal(vocab_size: int, seed: int = 0, init: float = 0.2) -> LlamaForCausalLM:
+    """2-layer Llama; a larger init range than default so a soft prompt can move the output."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=init,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_causal_peft(vocab_size: int, seed: int = 0, n_virtual: int = 4):
+    model = tiny_causal(vocab_size, seed)
+    return get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=n_virtual))
+
+
+def tiny_t5_peft(vocab_size: int, seed: int = 0, n_virtual: int = 4):
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=2,
+    )
+    peft_cfg = PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=n_virtual)
+    return get_peft_model(T5ForConditionalGeneration(cfg), peft_cfg)
+
+
+def good_fraction(texts: list[str], conditions: list[str] | None = None) -> dict:
+    """Trivially learnable reward: fraction of generated words equal to "good"."""
+    words = [t.split() for t in texts]
+    rewards = [sum(w == "good" for w in ws) / max(1, len(ws)) for ws in words]
+    return {"reward": rewards, "words": [len(w) for w in words]}
+
+
+CONDITIONS = ["label positive text", "label negative", "review"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core box they thrash."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------- golden maths
+def test_gae_golden():
+    rewards = torch.tensor([[0.1, 1.0, 5.0]])
+    values = torch.tensor([[0.5, 0.2, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    # t=1 (last valid, next state terminal): delta = 1.0 - 0.2 = 0.8 -> A1 = 0.8
+    # t=0: delta = 0.1 + 0.9*0.2 - 0.5 = -0.22 -> A0 = -0.22 + 0.9*0.8*0.8 = 0.356
+    torch.testing.assert_close(adv, torch.tensor([[0.356, 0.8, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.856, 1.0, 0.0]]))
+
+
+def test_gae_gamma_lam_one_is_reward_to_go():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    values = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    adv, ret = gae(rewards, values, mask, 1.0, 1.0)
+    torch.testing.assert_close(adv, torch.tensor([[6.0, 5.0, 3.0], [4.0, 0.0, 0.0]]))
+    torch.testing.assert_close(ret, adv)
+
+
+def test_ppo_policy_loss_golden():
+    logprobs = torch.tensor([[math.log(1.5), math.log(0.9), 3.0]])
+    old = torch.zeros(1, 3)
+    adv = torch.tensor([[1.0, -1.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, clip_frac = ppo_policy_loss(logprobs, old, adv, mask, clip=0.2)
+    # token 0: ratio 1.5, A=1 -> max(-1.5, -1.2) = -1.2 (clipped); token 1: ratio 0.9, A=-1 -> 0.9
+    assert loss.item() == pytest.approx((-1.2 + 0.9) / 2)
+    assert clip_frac.item() == pytest.approx(0.5)
+
+
+def test_value_loss_golden():
+    values = torch.tensor([[1.0, 0.0, 7.0]])
+    old = torch.zeros(1, 3)
+    returns = torch.tensor([[2.0, 1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    # token 0: clipped value 0.2 -> max((1-2)^2, (0.2-2)^2) = 3.24; token 1: 1.0 -> 0.5 * (3.24 + 1) / 2
+    assert value_loss(values, old, returns, mask, 0.2).item() == pytest.approx(1.06)
+
+
+def test_kl_penalty_and_entropy_golden():
+    # -0.1 * (-1.0 - -1.5) = -0.05; the second token is masked
+    r = kl_penalty_rewards(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]]), torch.tensor([[1.0, 0.0]]), 0.1)
+    torch.testing.assert_close(r, torch.tensor([[-0.05, 0.0]]))
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, -1e9, -1e9]]])
+    both = entropy_from_logits(logits, torch.tensor([[1.0, 1.0]]))
+    assert both.item() == pytest.approx((math.log(4) + math.log(2)) / 2)
+    assert entropy_from_logits(logits, torch.tensor([[0.0, 1.0]])).item() == pytest.approx(math.log(2))
+
+
+def test_kl_controllers():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    ctl.update(12.0, 100)  # error clipped to +0.2 -> x (1 + 0.2 * 100 / 10000)
+    assert ctl.value == pytest.approx(0.1 * 1.002)
+    ctl.update(4.5, 1000)  # error 4.5/6 - 1 = -0.25 -> -0.2 -> x 0.98
+    assert ctl.value == pytest.approx(0.1 * 1.002 * 0.98)
+    fixed = FixedKLController(0.3)
+    fixed.update(100.0, 10)
+    assert fixed.value == 0.3
+
+
+# ------------------------------------------------------------------------------- the trainer
+def _capture_sampling_logits(trainer: SoftPromptPPO) -> list:
+    """Record the (temperature-scaled) logits the sampler draws from."""
+    seen, sample = [], trainer._sample
+
+    def spy(logits):
+        seen.append(logits.float() / trainer.cfg.temperature)
+        return sample(logits)
+
+    trainer._sample = spy
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+def test_sampling_matches_scoring(kind):
+    """The KV-cached sampling loop and the full forward used for PPO give the same distributions,
+    and left padding (causal batches) changes nothing."""
+    tok = tiny_tokenizer()
+    model = tiny_causal_peft(len(tok)) if kind == "causal" else tiny_t5_peft(len(tok))
+    tr = SoftPromptPPO(model, tok, PPOConfig(max_new_tokens=5, temperature=0.7), good_fraction)
+    seen = _capture_sampling_logits(tr)
+    ro = tr.generate(CONDITIONS)
+    logits, _ = tr._forward(tr.prompt_weight, ro)
+    for t, step_logits in enumerate(seen):
+        keep = ro.r_mask[:, t].bool()
+        torch.testing.assert_close(logits[keep, t], step_logits[keep], atol=1e-4, rtol=1e-4)
+    if kind == "causal":  # PEFT's own forward on an unpadded row agrees with ours
+        i = max(range(len(CONDITIONS)), key=lambda j: int(ro.q_mask[j].sum()))
+        n = int(ro.r_mask[i].sum())
+        ids = torch.cat([ro.q_ids[i], ro.r_ids[i, :n]])[None]
+        peft_logits = model(input_ids=ids).logits[0, -n - 1 : -1] / 0.7
+        torch.testing.assert_close(logits[i, :n], peft_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_ppo_learns_causal_prompt():
+    tok = tiny_tokenizer()
+    cfg = PPOConfig(lr=0.1, batch_size=16, mini_batch_size=8, ppo_epochs=4, max_new_tokens=6, kl_coef=0.0, seed=0)
+    tr = SoftPromptPPO(tiny_causal_peft(len(tok)), tok, cfg, good_fraction)
+    ref = tr.ref_prompt.clone()
+    seen = []
+    t0 = time.time()
+    hist = tr.train(lambda n: [CONDITIONS[i % 3] for i in range(n)], 30, callback=lambda i, s: seen.append(i))
+    first, last = sum(h["reward"] for h in hist[:5]) / 5, sum(h["reward"] for h in hist[-5:]) / 5
+    print(f"ours causal: first5={first:.3f} last5={last:.3f} ({time.time() - t0:.1f}s)")
+    assert last > first + 0.2, (first, last)
+    assert seen == list(range(30))
+    assert torch.equal(tr.ref_prompt, ref) and not torch.equal(tr.prompt_weight.detach(), ref)
+    assert hist[-1]["kl"] > 0  # drifted away from the (frozen) step-1 prompt
+    assert {"reward", "kl", "kl_coef", "entropy", "clip_frac", "value_loss", "policy_loss", "words"} <= set(hist[0])
+    assert all(math.isfinite(v) for h in hist for v in h.values())
+
+
+def test_only_prompt_and_value_head_train():
+    tok = tiny_tokenizer()
+    model = tiny_causal_peft(len(tok))
+    base_before = {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
+    cfg = PPOConfig(
+        lr=0.1, batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=4,
+        kl_coef=0.2, adaptive_kl=True, target_kl=0.01, horizon=10,
+    )
+    tr = SoftPromptPPO(model, tok, cfg, lambda texts, conds: {"reward": [float(len(t)) for t in texts]})
+    tr.step(CONDITIONS[:2] * 2)
+    stats = tr.step(CONDITIONS[:2] * 2)
+    for k, v in model.get_base_model().state_dict().items():
+        assert torch.equal(v, base_before[k]), k
+    assert stats["kl_coef"] != 0.2  # adaptive controller moved
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prompt_encoder.default.embedding.weight"]
+
+
+def test_same_seed_same_stats():
+    tok = tiny_tokenizer()
+    cfg = PPOConfig(lr=0.1, batch_size=6, mini_batch_size=3, ppo_epochs=2, max_new_tokens=5, seed=7)
+    runs = [
+        SoftPromptPPO(tiny_causal_peft(len(tok)), tok, cfg, good_fraction).train(lambda n: CONDITIONS * 2, 2)
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+
+
+def test_seq2seq_smoke():
+    tok = tiny_tokenizer()
+    cfg = PPOConfig(lr=0.1, batch_size=6, mini_batch_size=3, ppo_epochs=2, max_new_tokens=5, top_p=0.9, seed=1)
+    tr = SoftPromptPPO(tiny_t5_peft(len(tok)), tok, cfg, good_fraction)
+    hist = tr.train(lambda n: CONDITIONS * (n // 3), 3)
+    assert len(hist) == 3 and all(math.isfinite(v) for h in hist for v in h.values())
+    assert not torch.equal(tr.prompt_weight.detach(), tr.ref_prompt)
+
+
+def test_ppo_with_compute_rewards():
+    """The stage's wiring: conditions map to labels, compute_rewards scores the decoded texts."""
+    import numpy as np
+
+    from retrikt.rl.rewards import RewardWeights, compute_rewards
+
+    tok = tiny_tokenizer()
+    label_of = {"label positive text": 1, "label negative": 0, "review": 0}
+
+    def reward_fn(texts, conditions):
+        parse = lambda t: {"text": t} if t else None  # noqa: E731
+        probs = lambda ex: np.tile([0.3, 0.7], (len(ex), 1))  # noqa: E731
+        return compute_rewards(texts, [label_of[c] for c in conditions], parse, probs, RewardWeights(), (2, 4))
+
+    cfg = PPOConfig(batch_size=6, mini_batch_size=3, max_new_tokens=5)
+    tr = SoftPromptPPO(tiny_causal_peft(len(tok)), tok, cfg, reward_fn)
+    stats = tr.step(CONDITIONS * 2)
+    assert {"accuracy", "diversity", "length_penalty", "parse_fail", "mean_accuracy"} <= set(stats)
+    assert 0.0 <= stats["accuracy"] <= 0.7
