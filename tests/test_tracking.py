@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from retrikt.io import read_json
-from retrikt.tracking import StageRun, main_repo_root
+from retrikt.tracking import StageRun, main_repo_root, timings_path
 
 
 @pytest.fixture
@@ -28,7 +28,9 @@ def test_stage_run_writes_dvc_files_and_mlflow(store, tmp_path):
         for epoch in (1, 2):
             run.add_plot_row("curve", {"epoch": epoch, "loss": 1.0 / epoch}, step_key="epoch")
         run.set_metrics({"accuracy": 0.75})
+        run.set_timings({"seconds": 1.5})
     assert read_json(mpath) == {"accuracy": 0.75}
+    assert read_json(tmp_path / "m.timings.json") == {"seconds": 1.5}
     assert read_json(ppath) == [{"epoch": 1, "loss": 1.0}, {"epoch": 2, "loss": 0.5}]
 
     client = MlflowClient(store)
@@ -71,3 +73,10 @@ def test_queued_experiment_copies_track_into_the_main_repo(tmp_path):
     tmp_copy.mkdir(parents=True)
     assert main_repo_root(tmp_copy) == (tmp_path / "repo").resolve()
     assert main_repo_root(tmp_path) == tmp_path.resolve()
+
+
+def test_timings_live_beside_metrics_in_their_own_tree():
+    from pathlib import Path
+
+    assert timings_path("reports/metrics/cb/teacher.json") == Path("reports/timings/cb/teacher.json")
+    assert timings_path("x/m.json") == Path("x/m.timings.json")

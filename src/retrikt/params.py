@@ -114,6 +114,8 @@ class RLParams:
     temperature: float = _f(1.0, lo=0, lo_open=True)
     top_p: float = _f(0.95, lo=0, hi=1, lo_open=True)
     label_sampling: Literal["uniform", "prior"] = "uniform"
+    eval_samples: int = _f(24, lo=2)
+    num_generations: int = _f(4, lo=2)
     w_acc: float = _f(1.0, lo=0)
     w_div: float = _f(0.5, lo=0)
     w_len: float = _f(0.1, lo=0)
@@ -141,14 +143,17 @@ class IndexParams:
     hnsw_m: int = _f(32, lo=2)
 
 
-METHODS = ("finetune", "vanilla_kd", "mgskd", "adkd", "retrikt_kd", "retrikt")
+BASELINES = ("finetune", "vanilla_kd", "mgskd", "adkd")  # trained on the task data only
+STORE_METHODS = ("retrikt_kd", "retrikt")  # trained with the knowledge store
+METHODS = BASELINES + STORE_METHODS
 
 
 @dataclass(frozen=True)
 class StudentParams:
     layers: list[int] = _f(factory=lambda: [2, 4], lo=1, hi=48)
-    methods: list[Literal["finetune", "vanilla_kd", "mgskd", "adkd", "retrikt_kd", "retrikt"]] = field(
-        default_factory=lambda: list(METHODS))
+    baselines: list[Literal["finetune", "vanilla_kd", "mgskd", "adkd"]] = field(
+        default_factory=lambda: list(BASELINES))
+    store_methods: list[Literal["retrikt_kd", "retrikt"]] = field(default_factory=lambda: list(STORE_METHODS))
     epochs: int = _f(10, lo=1)
     lr: float = _f(1e-4, lo=0, lo_open=True)
     batch_size: int = _f(16, lo=2)
@@ -158,11 +163,16 @@ class StudentParams:
     mgskd_token_weight: float = _f(1.0, lo=0)
     mgskd_sample_weight: float = _f(4.0, lo=0)
     adkd_beta: float = _f(1.0, lo=0)
-    adkd_top_k: float = _f(0.5, lo=0, hi=1, lo_open=True)
+    adkd_top_k: float = _f(1.0, lo=0, hi=1, lo_open=True)
     retrieval_tau: float = _f(0.1, lo=0, lo_open=True)
     retrieval_candidates: int = _f(64, lo=2)
     retrieval_top_k: int = _f(16, lo=1)
     retrieval_ce_weight: float = _f(0.0, lo=0)
+
+    @property
+    def methods(self) -> list[str]:
+        """Every configured method, baselines first (the order of the report's rows)."""
+        return [*self.baselines, *self.store_methods]
 
 
 @dataclass(frozen=True)

@@ -55,3 +55,8 @@ def student_metrics(task: str, method: str, layers: int, seed: int) -> Path:
 
 def plot(task: str, name: str) -> Path:
     return PLOTS / task / f"{name}.json"
+
+
+def predictions(task: str, name: str) -> Path:
+    """Per-example validation predictions of a model (teacher, a student): evaluate's paired tests read them."""
+    return REPORTS / "predictions" / task / f"{name}.json"

@@ -37,6 +37,17 @@ TELEMETRY_ENV = {
 }
 
 
+def timings_path(metrics_path: str | os.PathLike) -> Path:
+    """``reports/metrics/x/y.json`` -> ``reports/timings/x/y.json`` (elsewhere: ``y.timings.json``)."""
+    p = Path(metrics_path)
+    parts = list(p.parts)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == "metrics" and i > 0 and parts[i - 1] == "reports":
+            parts[i] = "timings"
+            return Path(*parts)
+    return p.with_name(p.stem + ".timings.json")
+
+
 def disable_telemetry() -> None:
     for k, v in TELEMETRY_ENV.items():
         os.environ.setdefault(k, v)
@@ -102,6 +113,7 @@ class StageRun:
         self.plot_paths = {k: Path(v) for k, v in (plots or {}).items()}
         self.plot_rows: dict[str, list[dict]] = {k: [] for k in self.plot_paths}
         self.metrics: dict[str, Any] = {}
+        self.timings: dict[str, Any] = {}
         self.tags = dict(tags or {})
         self._mlflow = None
         self.run_id: str | None = None
@@ -198,6 +210,12 @@ class StageRun:
         self.metrics.update(metrics)
         self.log_metrics(metrics)
 
+    def set_timings(self, timings: dict[str, float]) -> None:
+        """Wall-clock numbers (seconds, latencies): machine-dependent, so they are kept out of the
+        metrics file (same seed -> identical metrics) in the parallel ``reports/timings/`` tree."""
+        self.timings.update(timings)
+        self.log_metrics(timings)
+
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self._mlflow is not None and Path(path).exists():
             fn = self._client.log_artifacts if Path(path).is_dir() else self._client.log_artifact
@@ -210,6 +228,8 @@ class StageRun:
                 atomic_write_json(path, rows)
         if self.metrics_path is not None:
             atomic_write_json(self.metrics_path, self.metrics)
+            if self.timings:
+                atomic_write_json(timings_path(self.metrics_path), self.timings)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:

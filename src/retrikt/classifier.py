@@ -1,0 +1,165 @@
+"""Task classifiers: encode task examples, class probabilities, sentence embeddings, a training loop.
+
+Shared by the teacher/reward model and the students. A classifier folder is a standard HF
+``*ForSequenceClassification`` folder plus ``retrikt_classifier.json`` (task, labels, max_length).
+Embeddings are the attention-masked mean of the last hidden layer, L2-normalised (the
+sentence-transformers pooling all-MiniLM-L6-v2 was trained with), so inner product = cosine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from retrikt.io import atomic_dir, atomic_write_json, read_json
+from retrikt.tasks import Task, get_task
+
+log = logging.getLogger(__name__)
+META = "retrikt_classifier.json"
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class Classifier:
+    """A sequence classifier bound to a task: renders examples, batches, predicts and embeds."""
+
+    def __init__(self, model, tokenizer, task: Task, max_length: int = 128):
+        self.model, self.tokenizer, self.task, self.max_length = model, tokenizer, task, max_length
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+
+    # -- construction ------------------------------------------------------------------------- #
+    @classmethod
+    def from_base(cls, base_dir: str | Path, task: Task, max_length: int = 128,
+                  num_layers: int | None = None) -> "Classifier":
+        """A fresh classification head on a base encoder/decoder folder (optionally its first layers)."""
+        import transformers as tf
+
+        model = tf.AutoModelForSequenceClassification.from_pretrained(
+            base_dir, num_labels=task.num_labels, dtype="float32",
+            id2label=dict(enumerate(task.labels)), label2id={n: i for i, n in enumerate(task.labels)})
+        if num_layers is not None:
+            from retrikt.models import truncate_encoder
+
+            truncate_encoder(model, num_layers)
+        return cls(model, tf.AutoTokenizer.from_pretrained(base_dir), task, max_length)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Classifier":
+        import transformers as tf
+
+        meta = read_json(Path(folder) / META)
+        model = tf.AutoModelForSequenceClassification.from_pretrained(folder, dtype="float32")
+        model.eval()
+        return cls(model, tf.AutoTokenizer.from_pretrained(folder), get_task(meta["task"]), meta["max_length"])
+
+    def save(self, folder: str | Path, extra: dict | None = None) -> Path:
+        with atomic_dir(folder) as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / META, {"task": self.task.name, "labels": list(self.task.labels),
+                                           "max_length": self.max_length, **(extra or {})})
+        return Path(folder)
+
+    # -- encoding and inference ---------------------------------------------------------------- #
+    def encode(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        pairs = [self.task.render(ex) for ex in examples]
+        a = [p[0] for p in pairs]
+        b = [p[1] for p in pairs]
+        kw = dict(padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        enc = self.tokenizer(a, b, **kw) if all(x is not None for x in b) else self.tokenizer(a, **kw)
+        return dict(enc)
+
+    def forward(self, examples: Sequence[dict], hidden: bool = False):
+        enc = self.encode(examples)
+        out = self.model(**enc, output_hidden_states=hidden)
+        return out, enc
+
+    @torch.no_grad()
+    def _batched(self, examples: Sequence[dict], fn: Callable, batch_size: int) -> np.ndarray:
+        was_training = self.model.training
+        self.model.eval()
+        parts = [fn(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+        self.model.train(was_training)
+        return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+    def logits(self, examples: Sequence[dict], batch_size: int = 32) -> np.ndarray:
+        return self._batched(examples, lambda b: self.forward(b)[0].logits.float().numpy(), batch_size)
+
+    def predict_proba(self, examples: Sequence[dict], batch_size: int = 32) -> np.ndarray:
+        z = self.logits(examples, batch_size)
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def embed_tensor(self, examples: Sequence[dict]) -> torch.Tensor:
+        """L2-normalised mean-pooled last hidden layer, with gradients (for training students)."""
+        out, enc = self.forward(examples, hidden=True)
+        return torch.nn.functional.normalize(mean_pool(out.hidden_states[-1], enc["attention_mask"]), dim=-1)
+
+    def embed(self, examples: Sequence[dict], batch_size: int = 32) -> np.ndarray:
+        return self._batched(examples, lambda b: self.embed_tensor(b).float().numpy(), batch_size)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None, shuffle: bool = True) -> Iterator[list[int]]:
+    order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+    for i in range(0, n, batch_size):
+        yield order[i:i + batch_size]
+
+
+def linear_warmup(optimizer, total_steps: int, warmup_ratio: float):
+    warm = max(1, int(total_steps * warmup_ratio))
+
+    def f(step: int) -> float:
+        return (step + 1) / warm if step < warm else max(0.0, (total_steps - step) / max(1, total_steps - warm))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def evaluate(clf: Classifier, rows: Sequence[dict], batch_size: int = 32) -> tuple[dict[str, float], np.ndarray]:
+    """Task metrics on labelled rows, and the class probabilities."""
+    proba = clf.predict_proba(rows, batch_size)
+    preds = proba.argmax(1).tolist()
+    return clf.task.compute_metrics([r["label"] for r in rows], preds), proba
+
+
+def train_classifier(clf: Classifier, train: Sequence[dict], validation: Sequence[dict], *, epochs: int, lr: float,
+                     batch_size: int, seed: int, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
+                     on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+    """Cross-entropy fine-tuning (AdamW, linear warm-up/decay); returns one history row per epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(clf.model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(train) / batch_size)
+    sched = linear_warmup(opt, steps, warmup_ratio)
+    history = []
+    for epoch in range(1, epochs + 1):
+        clf.model.train()
+        total, n = 0.0, 0
+        for idx in batches(len(train), batch_size, gen):
+            rows = [train[i] for i in idx]
+            out, _ = clf.forward(rows)
+            loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([r["label"] for r in rows]))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(clf.model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            total, n = total + loss.item() * len(rows), n + len(rows)
+        metrics, _ = evaluate(clf, validation)
+        row = {"epoch": epoch, "train_loss": total / max(n, 1), **{f"val_{k}": v for k, v in metrics.items()}}
+        history.append(row)
+        log.info("epoch %d: %s", epoch, row)
+        if on_epoch:
+            on_epoch(row)
+    clf.model.eval()
+    return history

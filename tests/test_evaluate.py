@@ -1,0 +1,279 @@
+"""evaluate stage: statistics checked by hand, the paired bootstrap, report files, figures, determinism.
+
+Synthetic inputs for cb (3 classes, 30 validation rows) x L2/L4 x seeds 0/1 x 6 methods + teacher.
+A model's predictions are gold except on its first k rows (predicted as the next class), so its
+accuracy is 1 - k/30 and every number below can be worked out by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from retrikt import paths
+from retrikt.evaluate import (METRICS_JSON, RESULTS_JSON, RESULTS_MD, build_results, confusion_counts, evaluate,
+                              mean_std, metric_from_confusion, paired_bootstrap, ppo_before_after, render_markdown)
+from retrikt.io import atomic_write_json, read_json
+from retrikt.params import parse_params
+from retrikt.tasks import get_task
+
+from .conftest import REPO
+
+N = 30
+GOLD = [i % 3 for i in range(N)]
+CB = get_task("cb")
+# wrong rows k per (layers, method) for seeds 0 and 1
+WRONG = {
+    2: {"finetune": (15, 12), "vanilla_kd": (12, 12), "mgskd": (9, 6), "adkd": (10, 9), "retrikt_kd": (12, 9),
+        "retrikt": (3, 0)},
+    # L4: every baseline is wrong everywhere, RetriKT right everywhere -> delta = 1 in every resample
+    4: {"finetune": (N, N), "vanilla_kd": (N, N), "mgskd": (N, N), "adkd": (N, N), "retrikt_kd": (N, N),
+        "retrikt": (0, 0)},
+}
+LATENCY = (1.0, 2.0)
+
+
+class FakeRun:
+    """Records what evaluate hands to the tracking object."""
+
+    def __init__(self) -> None:
+        self.metrics: dict = {}
+        self.artifacts: list[str] = []
+
+    def set_metrics(self, metrics: dict) -> None:
+        self.metrics.update(metrics)
+
+    def log_artifact(self, path, artifact_path=None) -> None:
+        self.artifacts.append(str(path))
+
+
+RAW = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def _params(seeds=(0, 1), student: dict | None = None, rl_enabled: bool = True):
+    """params.yaml with 2 seeds (and optionally other student sizes/methods, RL off)."""
+    raw = copy.deepcopy(RAW)
+    raw["seeds"] = list(seeds)
+    raw["student"].update(student or {})
+    raw["rl"]["enabled"] = rl_enabled
+    return parse_params(raw)
+
+
+def _preds(k: int) -> list[int]:
+    return [(g + 1) % 3 if i < k else g for i, g in enumerate(GOLD)]
+
+
+def _write_model(task: str, name: str, pred: list[int], metrics_path, extra: dict) -> None:
+    atomic_write_json(paths.predictions(task, name), {
+        "idx": list(range(N)), "label": GOLD, "pred": pred, "proba": [[1.0 if c == p else 0.0 for c in range(3)]
+                                                                      for p in pred]})
+    atomic_write_json(metrics_path, {**CB.compute_metrics(GOLD, pred), **extra})
+
+
+def _write_inputs() -> None:
+    """Every input file of the synthetic cb run, under the current directory."""
+    _write_model("cb", "teacher", _preds(3), paths.metrics("cb", "teacher"), {"parameters": 22_000_000})
+    for layers, by_method in WRONG.items():
+        for method, ks in by_method.items():
+            for seed, k in zip((0, 1), ks):
+                extra = {"parameters": 1000 * layers, "train_seconds": 10.0 + seed, "latency_ms": LATENCY[seed],
+                         "forward_latency_ms": 0.5, "store_bytes": 4096 if method == "retrikt" else 0,
+                         "model_bytes": 4000 * layers}
+                _write_model("cb", f"{method}-L{layers}-s{seed}", _preds(k),
+                             paths.student_metrics("cb", method, layers, seed), extra)
+    atomic_write_json(paths.metrics("cb", "generate"), {
+        "size": 180, "parse_rate": 0.94, "duplicate_rate": 0.02, "near_duplicate_rate": 0.05, "self_bleu": 0.31,
+        "teacher_agreement": 0.8, "per_label": {"entailment": 60, "contradiction": 60, "neutral": 60}})
+    atomic_write_json(paths.metrics("cb", "ppo"), {"before_confidence": 0.5, "after_confidence": 0.7,
+                                                   "before_self_bleu": 0.4, "after_self_bleu": 0.3, "updates": 6})
+    atomic_write_json(paths.plot("cb", "teacher_curve"),
+                      [{"epoch": e, "train_loss": 1.0 / e, "val_accuracy": 0.5 + 0.1 * e} for e in (1, 2, 3)])
+    atomic_write_json(paths.plot("cb", "ppo_curve"),
+                      [{"update": u, "reward": 0.1 * u, "acc": 0.5, "div": 0.2, "kl": 0.01 * u} for u in (1, 2, 3)])
+    atomic_write_json(paths.plot("cb", "student_curve-retrikt-L2-s0"),
+                      [{"epoch": e, "train_loss": 1.0 / e, "val_accuracy": 0.6 + 0.1 * e} for e in (1, 2)])
+
+
+@dataclass
+class Report:
+    root: Path
+    metrics: dict
+    run: FakeRun
+    results: dict
+    md: str
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Report:
+    """One full evaluate run (all 6 methods x L2/L4 x 2 seeds), shared by the read-only tests."""
+    root = tmp_path_factory.mktemp("evaluate")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        _write_inputs()
+        run = FakeRun()
+        metrics = evaluate(_params(), run)
+    return Report(root, metrics, run, read_json(root / RESULTS_JSON), (root / RESULTS_MD).read_text())
+
+
+@pytest.fixture
+def synthetic(in_tmp_repo) -> Path:
+    """Fresh inputs in an empty directory, for tests that change them."""
+    _write_inputs()
+    return in_tmp_repo
+
+
+# fewer figures, faster
+SMALL = {"student": {"layers": [2], "baselines": ["finetune", "mgskd"], "store_methods": ["retrikt"]}}
+
+
+def test_report_numbers_by_hand(report):
+    res, metrics, run = report.results, report.metrics, report.run
+    l2 = res["tasks"]["cb"]["students"]["L2"]
+    # finetune accuracies 15/30 = 0.5 and 18/30 = 0.6: mean 0.55, sample std |0.6 - 0.5| / sqrt(2)
+    acc = l2["rows"]["finetune"]["metrics"]["accuracy"]
+    assert acc["mean"] == pytest.approx(0.55) and acc["std"] == pytest.approx(0.1 / math.sqrt(2), abs=1e-6)
+    assert acc["values"] == [0.5, 0.6] and acc["n"] == 2
+    lat = l2["rows"]["finetune"]["cost"]["latency_ms"]
+    assert lat["mean"] == 1.5 and lat["std"] == pytest.approx(1 / math.sqrt(2), abs=1e-6)
+    assert l2["rows"]["retrikt"]["cost"]["store_bytes"] == {"mean": 4096, "std": 0.0, "n": 2}
+    assert l2["rows"]["teacher"]["metrics"]["accuracy"] == {"mean": 0.9, "std": None, "n": 1, "values": [0.9]}
+    # best baseline: mgskd (0.7, 0.8 -> 0.75) beats adkd (0.6667, 0.7), retrikt_kd (0.65), ...
+    assert l2["best_baseline"] == "mgskd"
+    comp = l2["comparison"]
+    assert comp["delta"] == pytest.approx(0.95 - 0.75)
+    bs = comp["bootstrap"]
+    assert bs["estimate"] == pytest.approx(comp["delta"])
+    assert bs["ci"][0] < comp["delta"] < bs["ci"][1] and bs["ci"][0] > 0
+    assert bs["p_value"] < 0.01 and bs["samples"] == 1000 and bs["examples"] == N
+    # L4: all baselines tie at 0 -> the first listed (finetune); delta = 1 on every resample
+    l4 = res["tasks"]["cb"]["students"]["L4"]
+    assert l4["best_baseline"] == "finetune"
+    assert l4["comparison"]["bootstrap"]["ci"] == [1.0, 1.0]
+    assert l4["comparison"]["bootstrap"]["p_value"] == pytest.approx(2 / 1001, abs=1e-6)
+    # store and PPO, nothing inconsistent, missing curves listed
+    cb = res["tasks"]["cb"]
+    assert cb["store"]["parse_rate"] == 0.94 and cb["ppo"]["before"] == {"confidence": 0.5, "self_bleu": 0.4}
+    assert cb["warnings"] == []
+    assert "reports/plots/cb/prompt_tune_curve.json" not in cb["missing"]  # not read
+    assert "reports/plots/cb/student_curve-mgskd-L4-s1.json" in cb["missing"]
+    assert "reports/metrics/cb/index.json" in cb["missing"]
+    # compact metrics.json == return value == what MLflow got (flattened)
+    assert read_json(report.root / METRICS_JSON) == metrics
+    assert metrics["cb"]["L2"]["mgskd"] == {"accuracy": 0.75} and metrics["cb"]["teacher"] == {"accuracy": 0.9}
+    assert metrics["cb"]["L4"]["delta_vs_best"] == 1.0
+    assert run.metrics["cb.L2.delta_vs_best"] == pytest.approx(0.2)
+    assert all(isinstance(v, (int, float)) for v in run.metrics.values())
+    assert str(RESULTS_MD) in run.artifacts and str(paths.FIGURES) in run.artifacts
+
+
+def test_markdown_and_figures(report):
+    md = report.md
+    for model in ("teacher", "finetune", "vanilla_kd", "mgskd", "adkd", "retrikt_kd", "retrikt"):
+        assert f"| {model} |" in md
+    assert "| finetune | 0.5500 ± 0.0707 |" in md
+    assert "Best baseline: **mgskd**" in md and "RetriKT − mgskd (accuracy): **+0.2000**, 95% CI [" in md
+    assert "| parse_rate | 0.9400 |" in md and "| confidence | 0.5000 | 0.7000 | +0.2000 |" in md
+    assert "| retrikt | 2,000 | 7.8 KiB | 4.0 KiB | 1.500 ± 0.707 | 0.500 | 10.5 ± 0.7 |" in md
+    figs = report.results["tasks"]["cb"]["figures"]
+    names = {p.rsplit("/", 1)[1] for p in figs}
+    expected = {"learning_curves.png", "ppo_curves.png", "methods.png", "confusion-teacher.png"}
+    expected |= {f"confusion-{m}-L{l}-s0.png" for l in (2, 4) for m in WRONG[2]}
+    assert names == expected
+    for p in figs:
+        data = (report.root / p).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and data[-8:-4] == b"IEND"
+
+
+def test_identical_inputs_give_identical_outputs(synthetic):
+    evaluate(_params(**SMALL), FakeRun())
+    outputs = [RESULTS_JSON, RESULTS_MD, METRICS_JSON, *sorted(paths.FIGURES.rglob("*.png"))]
+    first = [p.read_bytes() for p in outputs]
+    evaluate(_params(**SMALL), FakeRun())
+    assert [p.read_bytes() for p in outputs] == first
+
+
+def test_missing_student_metrics_is_one_line_naming_the_file(synthetic):
+    missing = paths.student_metrics("cb", "adkd", 4, 1)
+    missing.unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        evaluate(_params(), FakeRun())
+    assert str(missing) in str(err.value) and "\n" not in str(err.value)
+    assert not RESULTS_JSON.exists() and not paths.FIGURES.exists()  # inputs are checked before any output
+
+
+def test_single_seed_no_rl_and_missing_predictions(synthetic):
+    paths.predictions("cb", "mgskd-L2-s0").unlink()
+    results = build_results(_params(seeds=[0], rl_enabled=False, **SMALL), figures=False)
+    cb = results["tasks"]["cb"]
+    l2 = cb["students"]["L2"]
+    assert l2["rows"]["finetune"]["metrics"]["accuracy"] == {"mean": 0.5, "std": None, "n": 1, "values": [0.5]}
+    assert l2["best_baseline"] == "mgskd" and l2["comparison"]["bootstrap"] is None
+    assert "reports/predictions/cb/mgskd-L2-s0.json" in cb["missing"]
+    assert cb["ppo"] is None and "reports/metrics/cb/ppo.json" not in cb["missing"]
+    md = render_markdown(results)
+    assert "| finetune | 0.5000 | " in md and "PPO disabled" in md and cb["figures"] == []
+
+
+def test_mismatched_validation_rows_are_an_error(synthetic):
+    path = paths.predictions("cb", "retrikt-L2-s1")
+    obj = read_json(path)
+    obj["idx"] = obj["idx"][::-1]
+    path.write_text(json.dumps(obj))
+    with pytest.raises(ValueError, match="retrikt-L2-s1.json: validation rows"):
+        evaluate(_params(), FakeRun())
+
+
+# --- statistics, directly ------------------------------------------------------------------------ #
+def test_mean_std():
+    assert mean_std([0.5, 0.6, 0.7]) == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1), "n": 3}
+    assert mean_std([3]) == {"mean": 3, "std": None, "n": 1}
+
+
+@pytest.mark.parametrize("name", ["cb", "mrpc", "cola"])
+def test_vectorised_metrics_match_task_metrics(name):
+    task = get_task(name)
+    rng = np.random.default_rng(1)
+    y, p = rng.integers(0, task.num_labels, 40), rng.integers(0, task.num_labels, 40)
+    p[:2] = task.num_labels - 1  # not constant
+    cm = confusion_counts(y, p, task.num_labels, np.arange(40)[None])
+    expected = task.compute_metrics(y, p)
+    for metric, value in expected.items():
+        assert metric_from_confusion(cm, metric)[0] == pytest.approx(value, abs=1e-12)
+
+
+def _boot(y, a, b, samples=1000, seed=0):
+    return paired_bootstrap(np.array(y), [np.array(x) for x in a], [np.array(x) for x in b], "accuracy", 3,
+                            samples=samples, confidence=0.95, rng=np.random.default_rng(seed))
+
+
+def test_bootstrap_degenerate_and_identical_cases():
+    y = np.array(GOLD)
+    wrong = (y + 1) % 3
+    win = _boot(y, [y, y], [wrong, wrong])
+    assert (win.estimate, win.ci_low, win.ci_high) == (1.0, 1.0, 1.0) and win.p_value == pytest.approx(2 / 1001)
+    same = _boot(y, [_preds(5), _preds(9)], [_preds(5), _preds(9)])
+    assert (same.estimate, same.ci_low, same.ci_high, same.p_value) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_bootstrap_two_examples_by_hand():
+    # A is right on both rows, B only on row 0. A resample of 2 rows has delta = (#row-1 draws)/2:
+    # 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4 -> CI [0, 1], P(d* <= 0) = 1/4, p ~ 2 * 1/4.
+    res = _boot([0, 1], [[0, 1]], [[0, 0]], samples=4000)
+    assert res.estimate == 0.5 and (res.ci_low, res.ci_high) == (0.0, 1.0)
+    assert res.p_value == pytest.approx(0.5, abs=0.05)
+    # averaging over seeds: B's second seed is right on row 1 only -> B scores 0.5 on every resample
+    res = _boot([0, 1], [[0, 1]], [[0, 0], [1, 1]], samples=2000)
+    assert res.estimate == 0.5 and (res.ci_low, res.ci_high) == (0.5, 0.5) and res.p_value == pytest.approx(2 / 2001)
+
+
+def test_ppo_before_after_forms():
+    got = ppo_before_after({"before_conf": 0.1, "conf_after": 0.2, "before": {"self_bleu": 0.3},
+                            "after": {"self_bleu": 0.2}, "updates": 6})
+    assert got == {"before": {"conf": 0.1, "self_bleu": 0.3}, "after": {"conf": 0.2, "self_bleu": 0.2}}
