@@ -63,10 +63,10 @@ def _setup(params_path: Path, seed: int | None = None):
 
 
 def _stage(stage: str, fn: Callable, params_path: Path, task: str | None = None, *,
-           seed: int | None = None, metrics=None, plots=None, variant: str | None = None, **kwargs):
+           run_seed: int | None = None, metrics=None, plots=None, variant: str | None = None, **kwargs):
     """Run ``fn(params, task, run=..., **kwargs)`` inside a tracked, guarded stage."""
     with _guard():
-        params = _setup(params_path, seed)
+        params = _setup(params_path, run_seed)
         if task is not None:
             from retrikt.tasks import get_task
 
@@ -74,8 +74,8 @@ def _stage(stage: str, fn: Callable, params_path: Path, task: str | None = None,
         from retrikt.tracking import StageRun
         from retrikt import paths
 
-        section = {"prepare": "data", "resolve_model": "models", "train_student": "student"}.get(stage, stage)
-        logged = {"seed": params.seed if seed is None else seed}
+        section = {"prepare": "data", "resolve_model": "models", "train_student": "student", "ppo": "rl"}.get(stage, stage)
+        logged = {"seed": params.seed if run_seed is None else run_seed}
         pdict = params.to_dict()
         if section in pdict:
             logged[section] = pdict[section]
@@ -126,6 +126,75 @@ def prepare(task: str, params: Path = ParamsOpt) -> None:
     from retrikt import data
 
     _stage("prepare", lambda p, t, run: data.prepare(p, t, run=run), params, task)
+
+
+def _call(target: str):
+    """``"module:function"`` -> a stage callable, imported only when the stage runs."""
+
+    def go(*args, **kwargs):
+        import importlib
+
+        module, func = target.split(":")
+        return getattr(importlib.import_module(module), func)(*args, **kwargs)
+
+    return go
+
+
+def _task_stage(stage: str, target: str, task: str, params: Path, plots: tuple[str, ...] = ()) -> None:
+    from retrikt import paths
+
+    _stage(stage, _call(target), params, task, plots={n: paths.plot(task, n) for n in plots})
+
+
+@app.command()
+def teacher(task: str, params: Path = ParamsOpt) -> None:
+    """Fine-tune the reward model / KD teacher on the task (models/<task>/teacher)."""
+    _task_stage("teacher", "retrikt.teacher:teacher", task, params, ("teacher_curve",))
+
+
+@app.command("prompt-tune")
+def prompt_tune(task: str, params: Path = ParamsOpt) -> None:
+    """Train the soft prompt (PEFT prompt tuning, generator frozen) (models/<task>/prompt)."""
+    _task_stage("prompt_tune", "retrikt.prompt_tune:prompt_tune", task, params, ("prompt_tune_curve",))
+
+
+@app.command()
+def ppo(task: str, params: Path = ParamsOpt) -> None:
+    """RL-tune the soft prompt: accuracy + diversity + length reward, KL to the step-1 prompt (models/<task>/ppo)."""
+    _task_stage("ppo", "retrikt.rl.stage:ppo", task, params, ("ppo_curve",))
+
+
+@app.command()
+def generate(task: str, params: Path = ParamsOpt) -> None:
+    """Sample, parse, dedupe, de-leak and soft-label the knowledge store (data/store/<task>)."""
+    _task_stage("generate", "retrikt.generate:generate", task, params)
+
+
+@app.command()
+def index(task: str, params: Path = ParamsOpt) -> None:
+    """Embed the store with the reward model and build its FAISS index."""
+    _task_stage("index", "retrikt.index:index", task, params)
+
+
+@app.command("train-student")
+def train_student(task: str, method: str, layers: int, seed: int, params: Path = ParamsOpt) -> None:
+    """Train one student: METHOD (finetune, vanilla_kd, mgskd, adkd, retrikt_kd, retrikt) with LAYERS layers."""
+    from retrikt import paths
+    from retrikt.params import METHODS
+
+    if method not in METHODS:
+        _fail(f"unknown method '{method}'; known: {', '.join(METHODS)}", 2)
+    name = f"{method}-L{layers}-s{seed}"
+    _stage("train_student", _call("retrikt.distill.train:train_student"), params, task, run_seed=seed,
+           metrics=paths.student_metrics(task, method, layers, seed), variant=name,
+           plots={"student_curve": paths.plot(task, f"student_curve-{name}")},
+           method=method, layers=layers, seed=seed)
+
+
+@app.command()
+def evaluate(params: Path = ParamsOpt) -> None:
+    """One report over all tasks: reports/results.{json,md}, reports/metrics.json, significance, figures."""
+    _stage("evaluate", _call("retrikt.evaluate:evaluate"), params)  # writes reports/metrics.json itself
 
 
 @app.command("registry-packages")
