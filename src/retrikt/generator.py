@@ -1,0 +1,197 @@
+"""Generator plumbing shared by prompt tuning, PPO and generation: texts, batches, soft prompt, sampling.
+
+The generator (a frozen causal or seq2seq Hugging Face LM) reads ``[soft prompt; source]`` and writes
+``target``:
+
+* source = ``task.condition(label)`` — plain text naming the task and the label. No chat template:
+  the learned soft prompt is the instruction, the same text works for causal and seq2seq models
+  (and for the PPO stage, which tokenises the same string), and a template's fixed system turn
+  would only spend context on every sample.
+* target = ``task.serialise(ex)`` (``field: value`` lines) followed by the tokenizer's EOS token, so
+  the tuned prompt teaches the model where an example ends.
+
+Tokens: the source is tokenised with the tokenizer's own special tokens (as ``tok(source)`` does,
+e.g. a BOS for some models, ``</s>`` for T5 encoders), the target without them, then EOS is appended.
+Source and target are tokenised separately, so the training tokens are exactly what sampling sees.
+
+Padding: training batches (and :func:`nll`) are right-padded, so every real token keeps the
+position it has when the prompt is followed directly by the text; causal *sampling* is left-padded
+(decoder-only batch generation) with position ids from the attention mask, which again numbers the
+virtual tokens ``0..V-1`` and the text from ``V`` on, skipping the pads (as ``rl/ppo.py`` does).
+Sampling feeds ``[prompt; embedded source]`` to the base model's ``generate`` as ``inputs_embeds``
+(rather than ``PeftModel.generate``, which drops position ids for prompt tuning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from peft import PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+from retrikt.models import load_generator
+from retrikt.tasks import Task
+
+IGNORE = -100  # label id ignored by the loss
+
+
+def source_text(task: Task, label: int) -> str:
+    """The generator input for a label: the task's conditioning text (ends with a newline)."""
+    return task.condition(label)
+
+
+def target_text(task: Task, ex: Mapping[str, Any]) -> str:
+    """What the generator should write for ``ex``; EOS is appended at tokenisation."""
+    return task.serialise(ex)
+
+
+def _eos_id(tok) -> int:
+    if tok.eos_token_id is None:
+        raise ValueError("the generator's tokenizer has no EOS token; the generator cannot learn to stop")
+    return int(tok.eos_token_id)
+
+
+def tokenize_for_training(tok, sources: Sequence[str], targets: Sequence[str], max_length: int,
+                          seq2seq: bool) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (IGNORE where no loss).
+
+    Causal: input = source + target + EOS (cut to ``max_length``, the target's end first); labels are
+    the target and EOS tokens, IGNORE on the source and the padding. Seq2seq: input = source (cut to
+    ``max_length``), labels = target + EOS (cut to ``max_length``), IGNORE on padding.
+    """
+    if len(sources) != len(targets):
+        raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
+    eos, pad = _eos_id(tok), tok.pad_token_id if tok.pad_token_id is not None else _eos_id(tok)
+    src = tok(list(sources))["input_ids"]
+    tgt = [t + [eos] for t in tok(list(targets), add_special_tokens=False)["input_ids"]]
+    if seq2seq:
+        inputs = [s[:max_length] for s in src]
+        labels = [t[:max_length] for t in tgt]
+    else:
+        inputs = [(s + t)[:max_length] for s, t in zip(src, tgt)]
+        labels = [([IGNORE] * len(s) + t)[:max_length] for s, t in zip(src, tgt)]
+
+    def pad_to(rows: list[list[int]], value: int) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+    return {"input_ids": pad_to(inputs, pad), "attention_mask": pad_to([[1] * len(r) for r in inputs], 0),
+            "labels": pad_to(labels, IGNORE)}
+
+
+def attach_prompt(model, num_virtual_tokens: int, init: str, init_text: str,
+                  tokenizer_path: str | Path) -> PeftModel:
+    """Wrap a frozen generator with a trainable PEFT soft prompt (init ``"text"`` or ``"random"``).
+
+    Text init copies the embeddings of ``init_text``'s tokens (repeated or cut to fill the prompt);
+    random init draws from torch's global RNG, so seed it first. Seq2seq: the prompt precedes the
+    encoder input only (``num_transformer_submodules=1``; PEFT's default of 2 would also prefix the
+    decoder in training, which its ``generate`` then never does).
+    """
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    config = PromptTuningConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM,
+        num_virtual_tokens=num_virtual_tokens,
+        num_transformer_submodules=1,
+        prompt_tuning_init=PromptTuningInit.TEXT if init == "text" else PromptTuningInit.RANDOM,
+        prompt_tuning_init_text=init_text if init == "text" else None,
+        tokenizer_name_or_path=str(tokenizer_path) if init == "text" else None,
+    )
+    return get_peft_model(model, config)
+
+
+def load_with_prompt(generator_dir: str | Path, adapter_dir: str | Path, trainable: bool = False):
+    """``(peft_model, tokenizer)``: the frozen generator with a saved soft prompt (trainable if asked).
+
+    PEFT refuses ``is_trainable=True`` for prompt-learning adapters, so the prompt is loaded frozen
+    and its embedding unfrozen here (the base model stays frozen either way).
+    """
+    model, tok = load_generator(generator_dir)
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    peft_model.requires_grad_(False)
+    if trainable:
+        peft_model.prompt_encoder.requires_grad_(True)
+    else:
+        peft_model.eval()
+    return peft_model, tok
+
+
+@contextlib.contextmanager
+def _eval_mode(model) -> Iterator[None]:
+    """Eval mode inside the block; every submodule's own train/eval flag restored after it."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _num_virtual(model) -> int:
+    return int(model.active_peft_config.num_virtual_tokens) if isinstance(model, PeftModel) else 0
+
+
+def token_nll(model, batch: Mapping[str, torch.Tensor], seq2seq: bool) -> tuple[torch.Tensor, int]:
+    """(summed token NLL, number of target tokens) of a :func:`tokenize_for_training` batch."""
+    labels = batch["labels"]
+    if seq2seq:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
+    else:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits[:, _num_virtual(model):][:, :-1]  # position t predicts token t + 1
+        labels = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")
+    return loss, int((labels != IGNORE).sum())
+
+
+@torch.no_grad()
+def nll(model, tok, sources: Sequence[str], targets: Sequence[str], max_length: int, batch_size: int,
+        seq2seq: bool) -> float:
+    """Mean NLL per target token (EOS included) of ``targets`` given ``sources``, in eval mode."""
+    total, count = 0.0, 0
+    with _eval_mode(model):
+        for i in range(0, len(sources), batch_size):
+            batch = tokenize_for_training(tok, sources[i:i + batch_size], targets[i:i + batch_size], max_length,
+                                          seq2seq)
+            s, n = token_nll(model, batch, seq2seq)
+            total, count = total + float(s), count + n
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def sample(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperature: float, top_p: float,
+           batch_size: int, seed: int) -> list[str]:
+    """One sampled continuation per source (temperature + nucleus sampling, no top-k), decoded text only.
+
+    ``model`` is a PEFT prompt-tuning model (or a bare generator). Deterministic for a given seed,
+    batch size and source order: ``torch.manual_seed(seed + batch_no)`` before each batch. Text
+    stops at the first EOS; special tokens are stripped.
+    """
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    seq2seq = bool(getattr(base.config, "is_encoder_decoder", False))
+    eos, pad = _eos_id(tok), tok.pad_token_id if tok.pad_token_id is not None else _eos_id(tok)
+    config = base.generation_config.__class__.from_dict({
+        **base.generation_config.to_dict(), "do_sample": True, "temperature": temperature, "top_p": top_p,
+        "top_k": 0, "max_new_tokens": max_new_tokens, "max_length": None, "eos_token_id": eos,
+        "pad_token_id": pad, "num_beams": 1, "num_return_sequences": 1})
+    texts: list[str] = []
+    with _eval_mode(model):
+        for batch_no, i in enumerate(range(0, len(sources), batch_size)):
+            chunk = list(sources[i:i + batch_size])
+            enc = tok(chunk, padding=True, padding_side="right" if seq2seq else "left", return_tensors="pt")
+            embeds, mask = base.get_input_embeddings()(enc["input_ids"]), enc["attention_mask"]
+            if isinstance(model, PeftModel):
+                prompt = model.get_prompt(batch_size=len(chunk))[:, :_num_virtual(model)].to(embeds.dtype)
+                embeds = torch.cat([prompt, embeds], dim=1)
+                mask = torch.cat([torch.ones(len(chunk), prompt.shape[1], dtype=mask.dtype), mask], dim=1)
+            torch.manual_seed(seed + batch_no)
+            out = base.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+            for row in out.tolist():
+                row = row[1:] if seq2seq else row  # seq2seq output starts with the decoder start token
+                row = row[:row.index(eos)] if eos in row else row
+                texts.append(tok.decode(row, skip_special_tokens=True).strip())
+    return texts

@@ -1,0 +1,95 @@
+"""`prompt_tune` stage (RetriKT step 1): learn a soft prompt so the frozen generator writes task samples.
+
+The generator (``models/base/generator``, causal or seq2seq) stays frozen; only the
+``num_virtual_tokens`` prompt embeddings are trained, with AdamW, to maximise the likelihood of
+``target_text(ex)`` (the example's serialisation + EOS) given ``source_text(task, ex["label"])``,
+on the first ``prompt_tune.train_limit`` train rows after a seeded shuffle (all rows if null).
+Curve ``prompt_tune_curve``: per epoch the mean training NLL over the epoch's batches and the
+validation NLL (first 64 validation rows) after it; epoch 0 is the initial prompt (train NLL on the
+first 64 train rows), so the curve starts untuned. NLL = mean per target token, EOS included.
+The frozen generator stays in eval mode throughout (no dropout), as it is when it samples, so the
+training loss and the validation NLL measure the same function.
+Output: the PEFT adapter in ``models/<task>/prompt`` plus ``retrikt_prompt.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import torch
+
+from retrikt import paths
+from retrikt.classifier import batches
+from retrikt.generator import attach_prompt, nll, source_text, target_text, token_nll, tokenize_for_training
+from retrikt.io import DataError, atomic_dir, atomic_write_json, read_jsonl
+from retrikt.models import is_seq2seq, load_generator, model_info
+from retrikt.params import Params
+from retrikt.tasks import get_task
+
+log = logging.getLogger(__name__)
+VAL_ROWS = 64  # rows scored for the validation curve (and the epoch-0 train point)
+META = "retrikt_prompt.json"
+
+
+def prompt_tune(params: Params, task_name: str, run) -> dict:
+    task, pp = get_task(task_name), params.prompt_tune
+    rows = read_jsonl(paths.split_file(task.name, "train"))
+    random.Random(params.seed).shuffle(rows)
+    train = rows[:pp.train_limit] if pp.train_limit else rows
+    validation = read_jsonl(paths.split_file(task.name, "validation"))[:VAL_ROWS]
+    for split, rs in (("train", train), ("validation", validation)):
+        if not rs:
+            raise DataError(f"prompt_tune: {paths.split_file(task.name, split)} has no rows")
+
+    gen_dir = paths.base_model("generator")
+    seq2seq = is_seq2seq(gen_dir)
+    model, tok = load_generator(gen_dir)
+    torch.manual_seed(params.seed)  # random prompt init
+    model = attach_prompt(model, pp.num_virtual_tokens, pp.init, pp.init_text, gen_dir).eval()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    opt = torch.optim.AdamW(trainable, lr=pp.lr)
+
+    def texts(rs: list[dict]) -> tuple[list[str], list[str]]:
+        return [source_text(task, r["label"]) for r in rs], [target_text(task, r) for r in rs]
+
+    def val_nll() -> float:
+        return nll(model, tok, *texts(validation), pp.max_length, pp.batch_size, seq2seq)
+
+    before = val_nll()
+    train_before = nll(model, tok, *texts(train[:VAL_ROWS]), pp.max_length, pp.batch_size, seq2seq)
+    run.add_plot_row("prompt_tune_curve", {"epoch": 0, "train_nll": train_before, "val_nll": before},
+                     step_key="epoch")
+    log.info("prompt_tune: %d train rows, %d trainable parameters, val NLL before %.4f",
+             len(train), n_trainable, before)
+    gen = torch.Generator().manual_seed(params.seed)
+    train_nll, after, start = train_before, before, time.time()
+    for epoch in range(1, pp.epochs + 1):
+        t0, total, count = time.time(), 0.0, 0
+        for idx in batches(len(train), pp.batch_size, gen):
+            batch = tokenize_for_training(tok, *texts([train[i] for i in idx]), pp.max_length, seq2seq)
+            loss_sum, n = token_nll(model, batch, seq2seq)
+            if n == 0:  # every target cut off by max_length
+                continue
+            opt.zero_grad()
+            (loss_sum / n).backward()
+            opt.step()
+            total, count = total + loss_sum.item(), count + n
+        train_nll, after = total / max(count, 1), val_nll()
+        run.add_plot_row("prompt_tune_curve", {"epoch": epoch, "train_nll": train_nll, "val_nll": after},
+                         step_key="epoch")
+        log.info("epoch %d: train NLL %.4f, val NLL %.4f (%.0f s)", epoch, train_nll, after, time.time() - t0)
+
+    with atomic_dir(paths.prompt(task.name)) as tmp:
+        model.save_pretrained(tmp)
+        atomic_write_json(tmp / META, {"task": task.name, "generator": model_info(gen_dir),
+                                       "num_virtual_tokens": pp.num_virtual_tokens, "init": pp.init,
+                                       "seq2seq": seq2seq, "train_rows": len(train), "val_nll": after})
+    metrics = {"val_nll_before": before, "val_nll": after, "train_nll": train_nll,
+               "trainable_parameters": n_trainable}
+    run.set_metrics(metrics)
+    seconds = time.time() - start
+    run.set_timings({"train_seconds": seconds, "seconds_per_epoch": seconds / pp.epochs})
+    return metrics
