@@ -1,0 +1,429 @@
+"""`train_student` stage: one student (method × layers × seed) per call; every method shares one loop.
+
+Student: the first L layers of the base encoder with a fresh head (``Classifier.from_base``).
+Teacher / reward model: ``models/<task>/teacher``, frozen. Optimiser for every method: AdamW with
+the teacher's ``weight_decay`` and ``warmup_ratio`` (linear warm-up/decay), gradient norm clipped
+to 1 (as :func:`retrikt.classifier.train_classifier`). Losses all come from
+:mod:`retrikt.distill.losses`; α = ``kd_alpha``, T = ``kd_temperature``:
+
+* ``finetune``: CE on the gold train labels.
+* ``vanilla_kd``: α·KD + (1−α)·CE on train.
+* ``mgskd``: α·KD + (1−α)·CE + MGSKD(w_sample, w_token) added with weight 1, as AD-KD's
+  ``glue_train.py`` (``loss + mgskd_w · mgskd``, ``mgskd_w = 1``) — one stage, not TinyBERT's two.
+  Teacher and student read the same token ids (tokenizers must match); relation heads
+  ``gcd(64, H_S, H_T)`` (64 for MiniLM).
+* ``adkd``: α·KD + (1−α)·CE + β·L_attr over the embedding-layer output; one view per class when
+  C > 2 (the code's multi-class variant), else the gold-label view; teacher keeps its top
+  ``adkd_top_k`` fraction of dims.
+* ``retrikt_kd``: KD on train ∪ store: L = α·mean_{batch} KD + (1−α)·mean_{train rows} CE. Store
+  entries have no gold label, so they get the KD term only; their teacher distribution is rebuilt
+  from the stored soft label p as ``softmax(log p / T)`` — exactly the reward model's
+  ``softmax(z/T)``, so train and store rows see the same temperature.
+* ``retrikt``: KL(q_RM ‖ q_S) over each train input's candidates = the reward model's exact top-K
+  store entries (cosine of its embeddings, ``data/index/<task>/embeddings.npy``; an entry whose
+  classifier input equals the query is excluded). Queries are the train rows only (the task data,
+  as in the paper). Per step the student encodes the batch's queries and the *union* of their
+  candidates once, with gradient. Optional ``retrieval_ce_weight`` × NLL of the aggregated
+  prediction over the student's top-k of those candidates. Inference: the student's own FAISS
+  index over the store, top-k, ``Σ softmax(s/τ)·soft_label`` (:func:`retrikt.predict.retrieval_proba`).
+
+The teacher is frozen and in eval mode, so its outputs are a function of the input alone: logits,
+MGSKD's matched hidden states and AD-KD's attributions are computed once per training example and
+re-padded per batch (``setup_seconds``), not recomputed every epoch.
+
+Writes the student folder (atomic; ``store/`` for retrikt), validation predictions, metrics and a
+``student_curve`` plot. Metric keys ending in ``_seconds``/``_ms`` are timings (not deterministic).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from retrikt import paths, store
+from retrikt.classifier import Classifier, batches, linear_warmup
+from retrikt.distill import losses as L
+from retrikt.io import DataError, atomic_dir, read_jsonl
+from retrikt.params import METHODS, Params, StudentParams
+from retrikt.predict import STORE_SUBDIR, retrieval_proba
+from retrikt.seeding import seed_everything
+from retrikt.tasks import get_task
+from retrikt.teacher import write_predictions
+
+log = logging.getLogger(__name__)
+MAX_GRAD_NORM = 1.0  # as train_classifier
+LATENCY_EXAMPLES = 64
+MGSKD_MAX_HEADS = 64  # n_relation_heads in both official repos
+TEACHER_BATCH = 32  # batch size of the one-off teacher passes
+
+
+@dataclass
+class Objective:
+    """What the shared loop needs from a method: how many items an epoch covers, the loss of a
+    batch of item indices, and validation class probabilities."""
+
+    n_items: int
+    loss: Callable[[list[int]], torch.Tensor]
+    predict: Callable[[Sequence[dict]], np.ndarray]
+
+
+def _labels(rows: Sequence[dict]) -> torch.Tensor:
+    return torch.tensor([r["label"] for r in rows])
+
+
+def _load_teacher(task: str) -> Classifier:
+    teacher = Classifier.load(paths.teacher(task))
+    teacher.model.requires_grad_(False).eval()
+    return teacher
+
+
+def _teacher_logits(teacher: Classifier, rows: Sequence[dict]) -> torch.Tensor:
+    return torch.from_numpy(teacher.logits(rows))
+
+
+# --------------------------------------------------------------------------------- methods --- #
+def finetune(student: Classifier, train: list[dict]) -> Objective:
+    def loss(idx: list[int]) -> torch.Tensor:
+        rows = [train[i] for i in idx]
+        return F.cross_entropy(student.forward(rows)[0].logits, _labels(rows))
+
+    return Objective(len(train), loss, student.predict_proba)
+
+
+def vanilla_kd(student: Classifier, teacher: Classifier, train: list[dict], sp: StudentParams) -> Objective:
+    t_logits = _teacher_logits(teacher, train)
+
+    def loss(idx: list[int]) -> torch.Tensor:
+        rows = [train[i] for i in idx]
+        z = student.forward(rows)[0].logits
+        return L.kd_ce_loss(z, t_logits[idx], _labels(rows), sp.kd_alpha, sp.kd_temperature).total
+
+    return Objective(len(train), loss, student.predict_proba)
+
+
+def check_same_tokenizer(a: Classifier, b: Classifier, rows: Sequence[dict], method: str) -> None:
+    """Raise ValueError unless both classifiers turn ``rows`` into the same token ids (MGSKD and
+    AD-KD compare teacher and student token by token)."""
+    same = a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
+    if same:
+        pairs = [a.task.render(r) for r in rows]
+        kw = dict(truncation=True, max_length=a.max_length)
+        same = all(a.tokenizer(*p, **kw)["input_ids"] == b.tokenizer(*p, **kw)["input_ids"] for p in pairs)
+    if not same:
+        raise ValueError(f"{method}: the teacher and the student tokenize differently, but {method} compares "
+                         "them token by token; use a teacher built on the student's encoder")
+
+
+def scatter_tokens(parts: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Per-example tensors over their real tokens (``[T_b, ...]``) -> a zero-padded ``[B, T, ...]`` batch."""
+    out = parts[0].new_zeros((mask.shape[0], mask.shape[1], *parts[0].shape[1:]))
+    for b, part in enumerate(parts):
+        out[b, mask[b].bool()] = part
+    return out
+
+
+def _teacher_batches(student: Classifier, rows: Sequence[dict]):
+    """``(rows, enc)`` chunks of ``rows`` tokenised by the student (the teacher reads the same ids)."""
+    for i in range(0, len(rows), TEACHER_BATCH):
+        chunk = rows[i:i + TEACHER_BATCH]
+        yield chunk, student.encode(chunk)
+
+
+def mgskd(student: Classifier, teacher: Classifier, train: list[dict], sp: StudentParams) -> Objective:
+    """Teacher logits and matched hidden states are computed once (eval mode: a function of the
+    input only) and re-padded per batch; the unmatched teacher layers are never read (None)."""
+    check_same_tokenizer(student, teacher, train[:32], "mgskd")
+    heads = math.gcd(MGSKD_MAX_HEADS, student.model.config.hidden_size, teacher.model.config.hidden_size)
+    n_teacher = teacher.model.config.num_hidden_layers
+    layers = [t for _, t in L.mgskd_layer_map(student.model.config.num_hidden_layers, n_teacher)]
+    cache: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+    with torch.no_grad():
+        for _, enc in _teacher_batches(student, train):
+            out, real = teacher.model(**enc, output_hidden_states=True), enc["attention_mask"].bool()
+            cache += [(out.logits[b], [out.hidden_states[t][b, real[b]] for t in layers]) for b in range(len(real))]
+
+    def loss(idx: list[int]) -> torch.Tensor:
+        rows = [train[i] for i in idx]
+        s_out, enc = student.forward(rows, hidden=True)
+        mask = enc["attention_mask"]
+        t_hidden: list = [None] * (n_teacher + 1)
+        for j, t in enumerate(layers):
+            t_hidden[t] = scatter_tokens([cache[i][1][j] for i in idx], mask)
+        t_logits = torch.stack([cache[i][0] for i in idx])
+        base = L.kd_ce_loss(s_out.logits, t_logits, _labels(rows), sp.kd_alpha, sp.kd_temperature)
+        rel = L.mgskd_loss(s_out.hidden_states, t_hidden, mask, n_heads=heads,
+                           w_sample=sp.mgskd_sample_weight, w_token=sp.mgskd_token_weight)
+        return base.total + rel.total
+
+    return Objective(len(train), loss, student.predict_proba)
+
+
+def _embeddings_module(clf: Classifier) -> torch.nn.Module:
+    return getattr(clf.model, clf.model.base_model_prefix).embeddings
+
+
+def adkd(student: Classifier, teacher: Classifier, train: list[dict], sp: StudentParams) -> Objective:
+    """Teacher attributions are computed once per example: each is normalised over its own tokens,
+    so it does not depend on the batch it sits in (the 1/B of the batch mean cancels)."""
+    check_same_tokenizer(student, teacher, train[:32], "adkd")
+    seen: dict[str, torch.Tensor] = {}
+    views = (lambda y: None) if student.task.num_labels > 2 else (lambda y: y)  # multi-view when C > 2
+
+    def leaf(_m, _i, out: torch.Tensor) -> torch.Tensor:  # frozen teacher: make E a grad leaf
+        seen["t"] = out.detach().requires_grad_()
+        return seen["t"]
+
+    hook = _embeddings_module(teacher).register_forward_hook(leaf)
+    cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for rows, enc in _teacher_batches(student, train):
+        with torch.enable_grad():
+            t_logits = teacher.model(**enc).logits
+        a_t = L.attribution(t_logits, seen["t"], enc["attention_mask"], labels=views(_labels(rows)),
+                            top_k=sp.adkd_top_k)                                   # [B, V, T]
+        real = enc["attention_mask"].bool()
+        cache += [(t_logits[b].detach(), a_t[b][:, real[b]].T) for b in range(len(rows))]
+    hook.remove()
+    _embeddings_module(student).register_forward_hook(lambda _m, _i, out: seen.__setitem__("s", out))
+
+    def loss(idx: list[int]) -> torch.Tensor:
+        rows = [train[i] for i in idx]
+        y = _labels(rows)
+        s_out, enc = student.forward(rows)
+        mask = enc["attention_mask"]
+        a_s = L.attribution(s_out.logits, seen["s"], mask, labels=views(y), create_graph=True)
+        a_t = scatter_tokens([cache[i][1] for i in idx], mask).transpose(1, 2)
+        t_logits = torch.stack([cache[i][0] for i in idx])
+        return L.adkd_loss(s_out.logits, t_logits, y, a_s, a_t, mask, alpha=sp.kd_alpha,
+                           temperature=sp.kd_temperature, beta=sp.adkd_beta).total
+
+    return Objective(len(train), loss, student.predict_proba)
+
+
+def retrikt_kd(student: Classifier, teacher: Classifier, train: list[dict], entries: list[dict],
+               sp: StudentParams) -> Objective:
+    rows_all = train + entries
+    store_logits = torch.from_numpy(np.log(np.clip(store.soft_labels(entries), 1e-12, None)))
+    targets = torch.cat([_teacher_logits(teacher, train), store_logits])  # softmax(·/T) = teacher's
+    n_train = len(train)
+
+    def loss(idx: list[int]) -> torch.Tensor:
+        z = student.forward([rows_all[i] for i in idx])[0].logits
+        kd = L.kd_loss(z, targets[idx], sp.kd_temperature)
+        gold = [j for j, i in enumerate(idx) if i < n_train]
+        if not gold:
+            return sp.kd_alpha * kd
+        ce = F.cross_entropy(z[gold], _labels([rows_all[idx[j]] for j in gold]))
+        return sp.kd_alpha * kd + (1.0 - sp.kd_alpha) * ce
+
+    return Objective(len(rows_all), loss, student.predict_proba)
+
+
+def teacher_candidates(query_emb: np.ndarray, entry_emb: np.ndarray, k: int,
+                       exclude: Sequence[set[int]] | None = None) -> np.ndarray:
+    """``[Q, K]`` entry rows: each query's top-``k`` entries by cosine (exact), best first, minus the
+    ``exclude`` rows (entries identical to the query). K = ``k``, or less when the store is smaller."""
+    exclude = exclude or [set() for _ in range(len(query_emb))]
+    extra = max((len(e) for e in exclude), default=0)
+    index = store.build_index(entry_emb, "flat")
+    _, hits = store.search(index, query_emb, k + extra)
+    kept = [[int(h) for h in row if h >= 0 and h not in ex] for row, ex in zip(hits, exclude)]
+    size = min(k, *(len(r) for r in kept))
+    if size < 2:
+        raise DataError(f"retrikt needs at least 2 candidate store entries per query, got {size}")
+    return np.asarray([r[:size] for r in kept], dtype=np.int64)
+
+
+def _identical_entries(task, train: Sequence[dict], entries: Sequence[dict]) -> list[set[int]]:
+    by_input: dict[tuple, set[int]] = {}
+    for i, e in enumerate(entries):
+        by_input.setdefault(task.render(e), set()).add(i)
+    return [by_input.get(task.render(r), set()) for r in train]
+
+
+def _reward_model_entry_embeddings(task: str, n_entries: int) -> np.ndarray:
+    """The index stage's reward-model embeddings of the store, checked against the teacher and store."""
+    folder = store.index_dir(task)
+    _, _, meta = store.load_index(folder)
+    stale = {"model_sha256": store.model_identity(paths.teacher(task))["model_sha256"],
+             "entries_sha256": store.sha256_file(store.entries_file(task))}
+    for key, want in stale.items():
+        if meta.get(key) != want:
+            raise DataError(f"{folder}: built from another {key.split('_')[0]}; re-run `retrikt index {task}`")
+    emb = store.load_embeddings(folder)
+    if len(emb) != n_entries:
+        raise DataError(f"{folder}: {len(emb)} embeddings for {n_entries} store entries")
+    return emb
+
+
+class Retrieval:
+    """The ``retrikt`` objective; also builds the student's store index for validation and saving."""
+
+    def __init__(self, student: Classifier, teacher: Classifier, train: list[dict], entries: list[dict],
+                 params: Params):
+        self.student, self.train, self.entries, self.params = student, train, entries, params
+        sp = params.student
+        self.tau, self.top_k, self.ce_weight = sp.retrieval_tau, sp.retrieval_top_k, sp.retrieval_ce_weight
+        self.soft = store.soft_labels(entries)
+        self.t_entries = torch.from_numpy(_reward_model_entry_embeddings(student.task.name, len(entries)))
+        t_queries = teacher.embed(train)
+        self.candidates = teacher_candidates(t_queries, self.t_entries.numpy(), sp.retrieval_candidates,
+                                             _identical_entries(student.task, train, entries))
+        self.t_queries = torch.from_numpy(t_queries)
+        self.index = None
+
+    def objective(self) -> Objective:
+        return Objective(len(self.train), self.loss, self.predict)
+
+    def loss(self, idx: list[int]) -> torch.Tensor:
+        cand = self.candidates[idx]                                   # [B, K] entry rows
+        union, pos = np.unique(cand, return_inverse=True)
+        s_q = self.student.embed_tensor([self.train[i] for i in idx])
+        s_u = self.student.embed_tensor([self.entries[u] for u in union])
+        s_c = s_u[torch.from_numpy(pos.reshape(cand.shape))]          # [B, K, H]
+        c = torch.from_numpy(cand)
+        loss = L.retrieval_kl_loss(self.t_queries[idx], self.t_entries[c], s_q, s_c, self.tau)
+        if self.ce_weight > 0:
+            sims = torch.einsum("bh,bkh->bk", s_q, s_c)
+            top, at = sims.topk(min(self.top_k, sims.shape[1]), dim=1)
+            soft = torch.from_numpy(self.soft)[c.gather(1, at)]
+            p = L.retrieval_aggregate(top, soft, self.tau)
+            y = _labels([self.train[i] for i in idx])
+            loss = loss + self.ce_weight * -p.gather(1, y[:, None]).clamp_min(1e-12).log().mean()
+        return loss
+
+    def build_index(self):
+        """The student's own index over the store (kind from params.index), rows = entry ids."""
+        ip = self.params.index
+        emb = self.student.embed(self.entries)
+        self.index = store.build_index(emb, ip.type, ip.nlist, ip.hnsw_m, self.params.seed)
+        return self.index
+
+    def predict(self, rows: Sequence[dict], index=None) -> np.ndarray:
+        index = self.build_index() if index is None else index
+        ids = np.arange(len(self.entries))
+        return retrieval_proba(self.student.embed(rows), index, ids, self.soft, self.top_k, self.tau)[0]
+
+
+# ---------------------------------------------------------------------------------- the loop --- #
+def fit(objective: Objective, student: Classifier, validation: Sequence[dict], *, epochs: int, lr: float,
+        batch_size: int, seed: int, weight_decay: float, warmup_ratio: float,
+        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+    """AdamW + linear warm-up/decay over ``objective``; one history row per epoch (validation metrics)."""
+    task = student.task
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(student.model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = linear_warmup(opt, epochs * math.ceil(objective.n_items / batch_size), warmup_ratio)
+    history = []
+    for epoch in range(1, epochs + 1):
+        student.model.train()
+        total, n = 0.0, 0
+        for idx in batches(objective.n_items, batch_size, gen):
+            loss = objective.loss(idx)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.model.parameters(), MAX_GRAD_NORM)
+            opt.step()
+            sched.step()
+            total, n = total + loss.item() * len(idx), n + len(idx)
+        preds = objective.predict(validation).argmax(1).tolist()
+        metrics = task.compute_metrics([r["label"] for r in validation], preds)
+        row = {"epoch": epoch, "train_loss": total / max(n, 1), **{f"val_{k}": v for k, v in metrics.items()}}
+        history.append(row)
+        log.info("epoch %d: %s", epoch, row)
+        if on_epoch:
+            on_epoch(row)
+    student.model.eval()
+    return history
+
+
+def median_ms(fn: Callable[[object], object], items: Sequence[object]) -> float:
+    """Median wall time of ``fn(item)`` over ``items`` (after one warm-up call), in milliseconds."""
+    fn(items[0])
+    times = []
+    for item in items:
+        t0 = time.perf_counter()
+        fn(item)
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.median(times))
+
+
+def _forward_ms(student: Classifier, rows: Sequence[dict]) -> float:
+    """Batch-1 latency of the bare student forward (tokenisation excluded)."""
+    encs = [student.encode([r]) for r in rows]
+    with torch.no_grad():
+        return median_ms(lambda enc: student.model(**enc), encs)
+
+
+# --------------------------------------------------------------------------------- the stage --- #
+def train_student(params: Params, task_name: str, run, *, method: str, layers: int, seed: int) -> dict:
+    if method not in METHODS:
+        raise ValueError(f"unknown student method {method!r}; known: {', '.join(METHODS)}")
+    seed_everything(seed)
+    task, sp = get_task(task_name), params.student
+    train = read_jsonl(paths.split_file(task.name, "train"))
+    validation = read_jsonl(paths.split_file(task.name, "validation"))
+    student = Classifier.from_base(paths.base_model("encoder"), task, sp.max_length, num_layers=layers)
+    teacher = None if method == "finetune" else _load_teacher(task.name)
+    entries = store.load_entries(task.name) if method in ("retrikt", "retrikt_kd") else None
+    retrieval = None
+    t0 = time.perf_counter()  # training time includes the one-off teacher passes
+    if method == "finetune":
+        objective = finetune(student, train)
+    elif method == "retrikt_kd":
+        objective = retrikt_kd(student, teacher, train, entries, sp)
+    elif method == "retrikt":
+        retrieval = Retrieval(student, teacher, train, entries, params)
+        objective = retrieval.objective()
+    else:
+        objective = {"vanilla_kd": vanilla_kd, "mgskd": mgskd, "adkd": adkd}[method](student, teacher, train, sp)
+    del teacher  # the objectives hold what they need
+    setup_seconds = time.perf_counter() - t0
+    fit(objective, student, validation, epochs=sp.epochs, lr=sp.lr, batch_size=sp.batch_size, seed=seed,
+        weight_decay=params.teacher.weight_decay, warmup_ratio=params.teacher.warmup_ratio,
+        on_epoch=lambda row: run.add_plot_row("student_curve", row, step_key="epoch"))
+    train_seconds = time.perf_counter() - t0
+
+    folder = paths.student(task.name, method, layers, seed)
+    extra = {"method": method, "layers": layers, "seed": seed, "base": "encoder"}
+    if retrieval is not None:
+        extra["retrieval"] = {"tau": sp.retrieval_tau, "top_k": sp.retrieval_top_k, "store": STORE_SUBDIR}
+    with atomic_dir(folder) as tmp:
+        student.save(tmp, extra=extra)
+        if retrieval is not None:
+            index = retrieval.build_index()
+            meta = {"task": task.name, "embedded_by": "student", "method": method}
+            store.save_index(tmp / STORE_SUBDIR, index, [e["id"] for e in entries], meta)
+            shutil.copyfile(store.entries_file(task.name), tmp / STORE_SUBDIR / "entries.jsonl")
+
+    if retrieval is not None:
+        proba = retrieval.predict(validation, retrieval.index)
+        ids = np.arange(len(entries))
+        serve = lambda r: retrieval_proba(student.embed([r]), retrieval.index, ids, retrieval.soft,  # noqa: E731
+                                          sp.retrieval_top_k, sp.retrieval_tau)
+    else:
+        proba, serve = student.predict_proba(validation), lambda r: student.predict_proba([r])
+    metrics = task.compute_metrics([r["label"] for r in validation], proba.argmax(1).tolist())
+    write_predictions(task.name, f"{method}-L{layers}-s{seed}", validation, proba)
+
+    timed = validation[:LATENCY_EXAMPLES]
+    store_bytes = 0
+    if method == "retrikt":
+        store_bytes = store.dir_bytes(folder / STORE_SUBDIR)  # the student's index + its copy of entries.jsonl
+    elif method == "retrikt_kd":
+        store_bytes = store.entries_file(task.name).stat().st_size
+    out = {**metrics, "parameters": sum(p.numel() for p in student.model.parameters()),
+           "model_bytes": (folder / "model.safetensors").stat().st_size, "store_bytes": store_bytes}
+    timings = {"train_seconds": train_seconds, "setup_seconds": setup_seconds,
+               "epoch_seconds": (train_seconds - setup_seconds) / sp.epochs,
+               "latency_ms": median_ms(serve, timed), "forward_latency_ms": _forward_ms(student, timed)}
+    run.set_metrics(out)  # same seed -> identical file
+    run.set_timings(timings)  # machine-dependent: reports/timings/
+    return {**out, **timings}

@@ -1,0 +1,73 @@
+"""`index` stage: embed every store entry with the reward model and build its FAISS index.
+
+Reads ``data/store/<task>/entries.jsonl`` and the teacher (``models/<task>/teacher``); writes
+``data/index/<task>/`` = ``index.faiss``, ``ids.json``, ``meta.json`` (the embedding model's
+folder and weights sha256, the entries' sha256, kind, dim, count) and ``embeddings.npy`` (the
+reward model's entry embeddings, which the retrieval student's training targets are built from).
+
+Metrics: ``entries``, ``dim``, ``index_bytes`` (the folder on disk), ``embed_seconds``,
+``build_seconds``, ``query_ms`` (mean single-query FAISS search over the validation examples,
+``k = student.retrieval_candidates``) and, for approximate kinds, ``recall_at_k`` against exact search.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from retrikt import paths, store
+from retrikt.classifier import Classifier
+from retrikt.io import read_jsonl
+from retrikt.params import Params
+from retrikt.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+
+def mean_query_ms(index, queries: np.ndarray, k: int) -> float:
+    """Mean wall time of one-query searches, in milliseconds."""
+    times = []
+    for q in queries:
+        t0 = time.perf_counter()
+        store.search(index, q[None], k)
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.mean(times)) if times else 0.0
+
+
+def recall_at_k(index, embeddings: np.ndarray, queries: np.ndarray, k: int) -> float:
+    """Mean fraction of the exact top-k that ``index`` returns."""
+    _, exact = store.search(store.build_index(embeddings, "flat"), queries, k)
+    _, approx = store.search(index, queries, k)
+    return float(np.mean([len(set(a) & set(e)) / len(e) for a, e in zip(approx, exact)]))
+
+
+def index(params: Params, task_name: str, run) -> dict:
+    task, ip = get_task(task_name), params.index
+    entries = store.load_entries(task.name)
+    teacher_dir = paths.teacher(task.name)
+    teacher = Classifier.load(teacher_dir)
+
+    t0 = time.perf_counter()
+    emb = teacher.embed(entries)
+    embed_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    idx = store.build_index(emb, ip.type, ip.nlist, ip.hnsw_m, params.seed)
+    build_seconds = time.perf_counter() - t0
+
+    out_dir = store.index_dir(task.name)
+    meta = {"task": task.name, **store.model_identity(teacher_dir),
+            "entries_sha256": store.sha256_file(store.entries_file(task.name))}
+    store.save_index(out_dir, idx, [e["id"] for e in entries], meta, embeddings=emb)
+    log.info("indexed %d store entries (%s, dim %d) into %s", idx.ntotal, ip.type, idx.d, out_dir)
+
+    queries = teacher.embed(read_jsonl(paths.split_file(task.name, "validation")))
+    k = min(params.student.retrieval_candidates, idx.ntotal)
+    metrics = {"entries": int(idx.ntotal), "dim": int(idx.d), "index_bytes": store.dir_bytes(out_dir),
+               "embed_seconds": embed_seconds, "build_seconds": build_seconds,
+               "query_ms": mean_query_ms(idx, queries, k)}
+    if ip.type != "flat":
+        metrics["recall_at_k"] = recall_at_k(idx, emb, queries, k)
+    run.set_metrics(metrics)
+    return metrics

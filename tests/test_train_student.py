@@ -1,0 +1,250 @@
+"""`train_student`: every method learns a tiny keyword task; retrieval golden behaviour; determinism.
+
+The data set is CB-shaped and learnable by a tiny encoder: the hypothesis contains a keyword that
+fixes the label (yes/true -> 0, no/false -> 1, movie/film -> 2; all in conftest's CORPUS). The
+teacher is a tiny 4-layer classifier trained on it first; students are its first 2 layers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrikt import paths, store
+from retrikt.classifier import Classifier, train_classifier
+from retrikt.distill import losses as L
+from retrikt.distill.train import adkd, check_same_tokenizer, mgskd, teacher_candidates, train_student
+from retrikt.index import index as index_stage
+from retrikt.io import read_json, write_jsonl
+from retrikt.params import METHODS, Params, parse_params
+from retrikt.predict import STORE_SUBDIR, load_student
+from retrikt.tasks import get_task
+from retrikt.tracking import StageRun
+
+from .conftest import REPO
+
+TASK = "cb"
+KEYWORDS = (("yes", "true"), ("no", "false"), ("movie", "film"))
+FILLER = "the cat sat on mat dog fox quick brown lazy day ground rained sleeps jumps over".split()
+STUDENT = dict(epochs=20, lr=1e-3, batch_size=8, max_length=32, retrieval_candidates=16, retrieval_top_k=4,
+               retrieval_tau=0.1)
+TIMING_KEYS = ("train_seconds", "setup_seconds", "epoch_seconds", "latency_ms", "forward_latency_ms")
+
+
+def keyword_rows(n: int, rng: random.Random) -> list[dict]:
+    """``n`` CB-shaped rows, labels balanced, label given by a keyword of the hypothesis."""
+    rows = []
+    for i in range(n):
+        label = i % 3
+        premise = " ".join(rng.choice(FILLER) for _ in range(rng.randint(1, 3)))
+        hypothesis = f"{rng.choice(FILLER)} {rng.choice(KEYWORDS[label])} {rng.choice(KEYWORDS[label])}"
+        rows.append({"premise": premise, "hypothesis": hypothesis, "idx": i, "label": label})
+    return rows
+
+
+def make_tiny_repo(encoder_dir: Path, n_train: int = 60, n_val: int = 30, n_store: int = 24, **student) -> Params:
+    """Lay out a repo in the cwd: data, base encoder, trained teacher, store, index.
+
+    Returns the params; ``student`` overrides the tiny student settings.
+    """
+    import yaml
+
+    rng = random.Random(0)
+    train = keyword_rows(n_train, rng)
+    write_jsonl(paths.split_file(TASK, "train"), train)
+    write_jsonl(paths.split_file(TASK, "validation"), keyword_rows(n_val, rng))
+    paths.base_model("encoder").parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(encoder_dir, paths.base_model("encoder"))
+
+    task = get_task(TASK)
+    torch.manual_seed(0)
+    teacher = Classifier.from_base(encoder_dir, task, max_length=32)
+    train_classifier(teacher, train, train, epochs=20, lr=5e-4, batch_size=8, seed=0)
+    teacher.save(paths.teacher(TASK))
+
+    entries = [{k: r[k] for k in ("premise", "hypothesis", "label")} for r in keyword_rows(n_store, rng)]
+    soft = teacher.predict_proba(entries)
+    write_jsonl(store.entries_file(TASK), [
+        {"id": i, **e, "soft_label": [float(p) for p in s / s.sum()], "text": ""}
+        for i, (e, s) in enumerate(zip(entries, soft.astype(np.float64)))])
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["student"].update({**STUDENT, **student})
+    params = parse_params(raw)
+    with StageRun("index", metrics_path=paths.metrics(TASK, "index"), task=TASK) as run:
+        index_stage(params, TASK, run)
+    return params
+
+
+def run_student(params, method: str, layers: int = 2, seed: int = 0) -> dict:
+    name = f"{method}-L{layers}-s{seed}"
+    with StageRun("train_student", metrics_path=paths.student_metrics(TASK, method, layers, seed), task=TASK,
+                  plots={"student_curve": paths.plot(TASK, f"student_curve_{name}")}) as run:
+        return train_student(params, TASK, run, method=method, layers=layers, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory, tiny_encoder_dir):
+    root = tmp_path_factory.mktemp("student-repo")
+    old, env, threads = os.getcwd(), os.environ.get("RETRIKT_MLFLOW"), torch.get_num_threads()
+    os.chdir(root)
+    os.environ["RETRIKT_MLFLOW"] = "0"
+    torch.set_num_threads(1)  # tiny models: a second thread only adds contention
+    try:
+        params = make_tiny_repo(tiny_encoder_dir)
+        yield root, params
+    finally:
+        os.chdir(old)
+        torch.set_num_threads(threads)
+        if env is None:
+            os.environ.pop("RETRIKT_MLFLOW", None)
+        else:
+            os.environ["RETRIKT_MLFLOW"] = env
+
+
+@pytest.fixture
+def repo(tiny_repo, monkeypatch):
+    root, params = tiny_repo
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("RETRIKT_MLFLOW", "0")
+    return params
+
+
+def test_teacher_learns_the_keyword_task(repo):
+    proba = Classifier.load(paths.teacher(TASK)).predict_proba(
+        [r for r in store.load_entries(TASK)])
+    labels = [e["label"] for e in store.load_entries(TASK)]
+    assert (proba.argmax(1) == np.array(labels)).mean() > 0.9
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_beats_chance_and_writes_outputs(repo, method):
+    m = run_student(repo, method)
+    assert m["accuracy"] > 0.6, m  # chance is 1/3
+    assert {"accuracy", "macro_f1", "parameters", "model_bytes", "store_bytes", *TIMING_KEYS} <= set(m)
+    assert (m["store_bytes"] > 0) == (method in ("retrikt", "retrikt_kd"))
+    folder = paths.student(TASK, method, 2, 0)
+    assert read_json(folder / "retrikt_classifier.json")["method"] == method
+    assert (folder / STORE_SUBDIR / "index.faiss").exists() if method == "retrikt" else True
+    preds = read_json(paths.predictions(TASK, f"{method}-L2-s0"))
+    assert len(preds["proba"]) == 30 and np.allclose(np.sum(preds["proba"], 1), 1, atol=1e-4)
+    curve = read_json(paths.plot(TASK, f"student_curve_{method}-L2-s0"))
+    assert [r["epoch"] for r in curve] == list(range(1, repo.student.epochs + 1))
+    assert {"train_loss", "val_accuracy"} <= set(curve[0])
+    assert read_json(paths.student_metrics(TASK, method, 2, 0))["accuracy"] == m["accuracy"]
+
+
+def test_candidates_are_the_reward_models_top_k():
+    rng = np.random.default_rng(0)
+    entries = rng.normal(size=(40, 16)).astype(np.float32)
+    entries /= np.linalg.norm(entries, axis=1, keepdims=True)
+    queries = np.concatenate([entries[:3], rng.normal(size=(2, 16)).astype(np.float32)])
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    cand = teacher_candidates(queries, entries, 6, exclude=[{0}, {1}, {2}, set(), set()])
+    for q, row, ex in zip(queries, cand, [{0}, {1}, {2}, set(), set()]):
+        ranked = [i for i in np.argsort(-(entries @ q), kind="stable") if i not in ex]
+        assert row.tolist() == ranked[:6]
+    assert 0 not in cand[0] and 1 not in cand[1]
+
+
+def test_retrikt_inference_is_the_aggregate_over_the_student_top_k(repo):
+    if not paths.student(TASK, "retrikt", 2, 0).exists():
+        run_student(repo, "retrikt")
+    student = load_student(paths.student(TASK, "retrikt", 2, 0))
+    rows = [{k: r[k] for k in ("premise", "hypothesis")} for r in keyword_rows(5, random.Random(7))]
+    proba, sims, hits = student.proba(rows)
+    q = student.clf.embed(rows)
+    e = student.clf.embed(student.entries)
+    k, tau = repo.student.retrieval_top_k, repo.student.retrieval_tau
+    top = np.argsort(-(q @ e.T), axis=1, kind="stable")[:, :k]
+    assert hits.tolist() == top.tolist()
+    want = L.retrieval_aggregate(torch.from_numpy(np.take_along_axis(q @ e.T, top, 1)),
+                                 torch.from_numpy(student.soft[top]), tau).numpy()
+    assert np.allclose(proba, want, atol=1e-5)
+    pred = read_json(paths.predictions(TASK, "retrikt-L2-s0"))
+    assert np.isclose(read_json(paths.student_metrics(TASK, "retrikt", 2, 0))["accuracy"],
+                      np.mean(np.array(pred["pred"]) == np.array(pred["label"])))
+
+
+def test_retrikt_with_the_extra_ce_term(repo):
+    import dataclasses
+
+    params = dataclasses.replace(repo, student=dataclasses.replace(repo.student, retrieval_ce_weight=0.5))
+    assert run_student(params, "retrikt", seed=1)["accuracy"] > 0.6
+
+
+@pytest.mark.parametrize("method", ["retrikt", "adkd"])
+def test_same_seed_same_metrics(repo, method):
+    a, b = run_student(repo, method, seed=3), run_student(repo, method, seed=3)
+    drop = lambda m: {k: v for k, v in m.items() if k not in TIMING_KEYS}  # noqa: E731
+    assert drop(a) == drop(b)
+
+
+def test_stale_index_is_refused(repo, tmp_path):
+    entries = store.entries_file(TASK)
+    original = entries.read_bytes()
+    try:
+        entries.write_bytes(original.replace(b'"text": ""', b'"text": "x"'))
+        with pytest.raises(Exception, match="re-run `retrikt index cb`"):
+            run_student(repo, "retrikt", seed=9)
+    finally:
+        entries.write_bytes(original)
+
+
+def test_mgskd_and_adkd_refuse_a_teacher_with_another_tokenizer(tiny_encoder_dir, tiny_causal_dir):
+    task = get_task(TASK)
+    student = Classifier.from_base(tiny_encoder_dir, task, max_length=32, num_layers=2)
+    other = Classifier.from_base(tiny_causal_dir, task, max_length=32)
+    rows = keyword_rows(4, random.Random(0))
+    check_same_tokenizer(student, Classifier.from_base(tiny_encoder_dir, task, max_length=32), rows, "mgskd")
+    with pytest.raises(ValueError, match="adkd: the teacher and the student tokenize differently"):
+        check_same_tokenizer(student, other, rows, "adkd")
+
+
+def test_cached_teacher_passes_equal_live_ones(repo):
+    """mgskd / adkd compute the teacher side once per example; the loss equals the live computation."""
+    task, sp = get_task(TASK), repo.student
+    teacher = Classifier.load(paths.teacher(TASK))
+    teacher.model.requires_grad_(False)
+    student = Classifier.from_base(paths.base_model("encoder"), task, max_length=32, num_layers=2)
+    student.model.eval()  # no dropout: both sides deterministic
+    rows = keyword_rows(12, random.Random(5))
+    idx = [7, 2, 11, 0, 5]  # a batch padded differently from the cached chunk
+    batch = [rows[i] for i in idx]
+    y = torch.tensor([r["label"] for r in batch])
+
+    s_out, enc = student.forward(batch, hidden=True)
+    with torch.no_grad():
+        t_out = teacher.model(**enc, output_hidden_states=True)
+    heads = 32  # gcd(64, 32, 32)
+    want = (L.kd_ce_loss(s_out.logits, t_out.logits, y, sp.kd_alpha, sp.kd_temperature).total
+            + L.mgskd_loss(s_out.hidden_states, t_out.hidden_states, enc["attention_mask"], n_heads=heads,
+                           w_sample=sp.mgskd_sample_weight, w_token=sp.mgskd_token_weight).total)
+    assert torch.isclose(mgskd(student, teacher, rows, sp).loss(idx), want, rtol=1e-4, atol=1e-5)
+
+    objective = adkd(student, teacher, rows, sp)
+    got = objective.loss(idx)
+    seen = {}
+
+    def leaf(_m, _i, out):
+        seen["t"] = out.detach().requires_grad_()
+        return seen["t"]
+
+    hooks = [teacher.model.bert.embeddings.register_forward_hook(leaf),
+             student.model.bert.embeddings.register_forward_hook(lambda _m, _i, out: seen.__setitem__("s", out))]
+    mask = enc["attention_mask"]
+    with torch.enable_grad():
+        t_logits = teacher.model(**enc).logits
+    a_t = L.attribution(t_logits, seen["t"], mask, top_k=sp.adkd_top_k)  # C = 3: one view per class
+    s_logits = student.model(**enc).logits
+    a_s = L.attribution(s_logits, seen["s"], mask, create_graph=True)
+    for h in hooks:
+        h.remove()
+    want = L.adkd_loss(s_logits, t_logits.detach(), y, a_s, a_t, mask, alpha=sp.kd_alpha,
+                       temperature=sp.kd_temperature, beta=sp.adkd_beta).total
+    assert torch.isclose(got, want, rtol=1e-4, atol=1e-5)
