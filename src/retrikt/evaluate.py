@@ -46,6 +46,7 @@ import numpy as np
 
 from retrikt import paths
 from retrikt.io import DataError, atomic_write_json, atomic_write_text, read_json
+from retrikt.tracking import timings_path
 from retrikt.params import METHODS, Params
 from retrikt.tasks import Task, get_task
 
@@ -235,6 +236,9 @@ class _TaskReader:
             return None
         if not isinstance(obj, dict):
             raise DataError(f"{path}: expected a JSON object")
+        timings = timings_path(path)  # wall-clock costs live in the parallel reports/timings/ tree
+        if timings.exists():
+            obj = {**read_json(timings), **obj}
         for key in self.task.metrics:
             if not _is_number(obj.get(key)):
                 raise DataError(f"{path}: missing or non-numeric metric '{key}'")
