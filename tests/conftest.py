@@ -127,6 +127,17 @@ def tiny_seq2seq_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core box they thrash."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def in_tmp_repo(tmp_path, monkeypatch) -> Path:
     """Run a test inside an empty working directory (stages write relative paths)."""
     monkeypatch.chdir(tmp_path)

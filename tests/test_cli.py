@@ -27,3 +27,13 @@ def test_unknown_task_is_one_line(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("retrikt: error: unknown task 'imdb'; known tasks:")
+
+
+def test_predict_without_a_trained_student_is_one_line(tmp_path):
+    import pathlib
+
+    params = pathlib.Path(__file__).resolve().parents[1] / "params.yaml"
+    out = subprocess.run([sys.executable, "-m", "retrikt.cli", "predict", "cb", "premise=a", "hypothesis=b",
+                          "--params", str(params)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].endswith("no trained student (run `dvc repro` or pass --student)")

@@ -24,12 +24,7 @@ from .test_prompt_tune import TRAIN, VALIDATION, lay_out_repo, make_params, stag
 CB = get_task("cb")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only thrash
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -17,12 +17,7 @@ ROWS = [{"premise": "the cat sat on the mat .", "hypothesis": "a cat is sitting 
         {"premise": "it rained all day .", "hypothesis": "the ground is dry .", "label": 1}]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only thrash
 
 
 @pytest.fixture(params=["causal", "seq2seq"])

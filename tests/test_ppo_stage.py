@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-import torch
 import yaml
 
 from retrikt import paths
@@ -34,8 +33,7 @@ def _params(**rl):
 
 
 @pytest.fixture
-def tiny_repo(in_tmp_repo, tiny_causal_dir, tiny_encoder_dir):
-    torch.set_num_threads(1)
+def tiny_repo(in_tmp_repo, tiny_causal_dir, tiny_encoder_dir, one_thread):
     shutil.copytree(tiny_causal_dir, paths.base_model("generator"))
     task = get_task("cb")
     for split in ("train", "validation"):

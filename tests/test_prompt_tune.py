@@ -71,12 +71,7 @@ def stage_run(stage: str, monkeypatch, plots: tuple[str, ...] = ()) -> StageRun:
                     plots={name: paths.plot("cb", name) for name in plots})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only thrash
 
 
 @pytest.mark.parametrize("kind", ["causal", "seq2seq"])

@@ -75,13 +75,7 @@ def good_fraction(texts: list[str], conditions: list[str] | None = None) -> dict
 CONDITIONS = ["label positive text", "label negative", "review"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core box they thrash."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only thrash
 
 
 # ------------------------------------------------------------------------------- golden maths

@@ -9,13 +9,7 @@ from retrikt.rl.trl_algos import TrlConfig, make_trl_reward, train_with_trl
 from tests.test_rl_ppo import CONDITIONS, good_fraction, tiny_causal_peft, tiny_t5_peft, tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core box they thrash."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only thrash
 
 
 def test_reward_adapter_signature():

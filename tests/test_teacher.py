@@ -30,8 +30,7 @@ def test_mean_pool_ignores_padding():
     assert mean_pool(h, torch.tensor([[1, 1, 0]])).tolist() == [[2.0, 3.0]]
 
 
-def test_teacher_stage_learns_and_writes_outputs(in_tmp_repo, tiny_encoder_dir):
-    torch.set_num_threads(1)
+def test_teacher_stage_learns_and_writes_outputs(in_tmp_repo, tiny_encoder_dir, one_thread):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["teacher"].update({"epochs": 12, "lr": 1e-2, "batch_size": 8, "max_length": 32, "warmup_ratio": 0.0})
     params = parse_params(raw)
