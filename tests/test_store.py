@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -123,7 +122,7 @@ def test_index_stage(in_tmp_repo, tiny_encoder_dir, monkeypatch, params_for_inde
     assert np.allclose(emb, Classifier.load(paths.teacher("cb")).embed(entries), atol=1e-5)
     assert metrics["entries"] == 9 and metrics["dim"] == 32 and metrics["index_bytes"] > 0
     assert metrics["query_ms"] >= 0 and metrics["build_seconds"] >= 0
-    assert read_json(paths.metrics("cb", "index")) == json.loads(json.dumps(metrics))
+    assert read_json(paths.metrics("cb", "index")) == {k: metrics[k] for k in ("entries", "dim", "index_bytes")}
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ def make_tiny_repo(encoder_dir: Path, n_train: int = 60, n_val: int = 30, n_stor
     task = get_task(TASK)
     torch.manual_seed(0)
     teacher = Classifier.from_base(encoder_dir, task, max_length=32)
-    train_classifier(teacher, train, train, epochs=20, lr=5e-4, batch_size=8, seed=0)
+    train_classifier(teacher, train, train, epochs=20, lr=2e-3, batch_size=8, seed=0)
     teacher.save(paths.teacher(TASK))
 
     entries = [{k: r[k] for k in ("premise", "hypothesis", "label")} for r in keyword_rows(n_store, rng)]

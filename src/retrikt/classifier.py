@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -133,33 +134,60 @@ def evaluate(clf: Classifier, rows: Sequence[dict], batch_size: int = 32) -> tup
     return clf.task.compute_metrics([r["label"] for r in rows], preds), proba
 
 
-def train_classifier(clf: Classifier, train: Sequence[dict], validation: Sequence[dict], *, epochs: int, lr: float,
-                     batch_size: int, seed: int, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
-                     on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
-    """Cross-entropy fine-tuning (AdamW, linear warm-up/decay); returns one history row per epoch."""
+@dataclass
+class Objective:
+    """What the shared loop needs from a method: how many items an epoch covers, the loss of a
+    batch of item indices, and validation class probabilities."""
+
+    n_items: int
+    loss: Callable[[list[int]], torch.Tensor]
+    predict: Callable[[Sequence[dict]], np.ndarray]
+
+
+def ce_objective(clf: Classifier, train: Sequence[dict]) -> Objective:
+    """Cross-entropy of ``clf`` on the gold labels of ``train``."""
+
+    def loss(idx: list[int]) -> torch.Tensor:
+        rows = [train[i] for i in idx]
+        return torch.nn.functional.cross_entropy(clf.forward(rows)[0].logits, torch.tensor([r["label"] for r in rows]))
+
+    return Objective(len(train), loss, clf.predict_proba)
+
+
+def fit(objective: Objective, student: Classifier, validation: Sequence[dict], *, epochs: int, lr: float,
+        batch_size: int, seed: int, weight_decay: float, warmup_ratio: float,
+        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+    """AdamW + linear warm-up/decay over ``objective``; one history row per epoch (validation metrics)."""
+    task = student.task
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(clf.model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * math.ceil(len(train) / batch_size)
-    sched = linear_warmup(opt, steps, warmup_ratio)
+    opt = torch.optim.AdamW(student.model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = linear_warmup(opt, epochs * math.ceil(objective.n_items / batch_size), warmup_ratio)
     history = []
     for epoch in range(1, epochs + 1):
-        clf.model.train()
+        student.model.train()
         total, n = 0.0, 0
-        for idx in batches(len(train), batch_size, gen):
-            rows = [train[i] for i in idx]
-            out, _ = clf.forward(rows)
-            loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([r["label"] for r in rows]))
+        for idx in batches(objective.n_items, batch_size, gen):
+            loss = objective.loss(idx)
             opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(clf.model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(student.model.parameters(), 1.0)
             opt.step()
             sched.step()
-            total, n = total + loss.item() * len(rows), n + len(rows)
-        metrics, _ = evaluate(clf, validation)
+            total, n = total + loss.item() * len(idx), n + len(idx)
+        preds = objective.predict(validation).argmax(1).tolist()
+        metrics = task.compute_metrics([r["label"] for r in validation], preds)
         row = {"epoch": epoch, "train_loss": total / max(n, 1), **{f"val_{k}": v for k, v in metrics.items()}}
         history.append(row)
         log.info("epoch %d: %s", epoch, row)
         if on_epoch:
             on_epoch(row)
-    clf.model.eval()
+    student.model.eval()
     return history
+
+
+def train_classifier(clf: Classifier, train: Sequence[dict], validation: Sequence[dict], *, epochs: int, lr: float,
+                     batch_size: int, seed: int, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
+                     on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+    """Cross-entropy fine-tuning on gold labels (the teacher; the ``finetune`` student)."""
+    return fit(ce_objective(clf, train), clf, validation, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+               weight_decay=weight_decay, warmup_ratio=warmup_ratio, on_epoch=on_epoch)

@@ -5,9 +5,10 @@ Reads ``data/store/<task>/entries.jsonl`` and the teacher (``models/<task>/teach
 folder and weights sha256, the entries' sha256, kind, dim, count) and ``embeddings.npy`` (the
 reward model's entry embeddings, which the retrieval student's training targets are built from).
 
-Metrics: ``entries``, ``dim``, ``index_bytes`` (the folder on disk), ``embed_seconds``,
+Metrics: ``entries``, ``dim``, ``index_bytes`` (the folder on disk) and, for approximate kinds,
+``recall_at_k`` against exact search. Timings (``run.set_timings``): ``embed_seconds``,
 ``build_seconds``, ``query_ms`` (mean single-query FAISS search over the validation examples,
-``k = student.retrieval_candidates``) and, for approximate kinds, ``recall_at_k`` against exact search.
+``k = student.retrieval_candidates``).
 """
 
 from __future__ import annotations
@@ -64,10 +65,11 @@ def index(params: Params, task_name: str, run) -> dict:
 
     queries = teacher.embed(read_jsonl(paths.split_file(task.name, "validation")))
     k = min(params.student.retrieval_candidates, idx.ntotal)
-    metrics = {"entries": int(idx.ntotal), "dim": int(idx.d), "index_bytes": store.dir_bytes(out_dir),
-               "embed_seconds": embed_seconds, "build_seconds": build_seconds,
-               "query_ms": mean_query_ms(idx, queries, k)}
+    metrics = {"entries": int(idx.ntotal), "dim": int(idx.d), "index_bytes": store.dir_bytes(out_dir)}
     if ip.type != "flat":
         metrics["recall_at_k"] = recall_at_k(idx, emb, queries, k)
+    timings = {"embed_seconds": embed_seconds, "build_seconds": build_seconds,
+               "query_ms": mean_query_ms(idx, queries, k)}
     run.set_metrics(metrics)
-    return metrics
+    run.set_timings(timings)
+    return {**metrics, **timings}

@@ -50,14 +50,11 @@ class Student:
     index: object | None = None
     ids: np.ndarray | None = None
     entries: list[dict] | None = None
+    soft: np.ndarray | None = None  # [N, C] soft labels, by entry id
 
     @property
     def method(self) -> str:
-        return self.meta.get("method", "finetune")
-
-    @property
-    def soft(self) -> np.ndarray:
-        return store.soft_labels(self.entries)
+        return self.meta["method"]
 
     def proba(self, rows: Sequence[dict], k: int | None = None) -> tuple[np.ndarray, np.ndarray | None,
                                                                           np.ndarray | None]:
@@ -70,13 +67,15 @@ class Student:
 
 def load_student(folder: str | Path) -> Student:
     folder = Path(folder)
-    if not (folder / META).exists():
-        raise FileNotFoundError(f"{folder}: not a student folder (no {META})")
-    clf, meta = Classifier.load(folder), read_json(folder / META)
+    meta = read_json(folder / META) if (folder / META).exists() else {}
+    if "method" not in meta:
+        raise FileNotFoundError(f"{folder}: not a student folder (no {META} naming a method)")
+    clf = Classifier.load(folder)
     if meta.get("method") != "retrikt":
         return Student(clf, meta)
     index, ids, _ = store.load_index(folder / STORE_SUBDIR)
-    return Student(clf, meta, index, ids, read_jsonl(folder / STORE_SUBDIR / "entries.jsonl"))
+    entries = read_jsonl(folder / STORE_SUBDIR / "entries.jsonl")
+    return Student(clf, meta, index, ids, entries, store.soft_labels(entries))
 
 
 def predict(task: str | Task, student_dir: str | Path, inputs: Sequence[dict], k: int | None = None) -> list[dict]:
@@ -90,12 +89,12 @@ def predict(task: str | Task, student_dir: str | Path, inputs: Sequence[dict], k
     if k is not None and k < 1:
         raise DataError(f"k must be >= 1, got {k}")
     proba, sims, hits = student.proba(list(inputs), k)
+    by_id = {e["id"]: e for e in student.entries or []}
     out = []
     for i, p in enumerate(proba):
         pred = {"label": task.labels[int(p.argmax())], "label_index": int(p.argmax()),
                 "proba": {name: round(float(v), 6) for name, v in zip(task.labels, p)}}
         if hits is not None:
-            by_id = student.entries
             pred["evidence"] = [
                 {"id": int(h), "similarity": round(float(s), 6),
                  "soft_label": {n: round(float(v), 6) for n, v in zip(task.labels, by_id[h]["soft_label"])},

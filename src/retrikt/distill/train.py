@@ -3,7 +3,7 @@
 Student: the first L layers of the base encoder with a fresh head (``Classifier.from_base``).
 Teacher / reward model: ``models/<task>/teacher``, frozen. Optimiser for every method: AdamW with
 the teacher's ``weight_decay`` and ``warmup_ratio`` (linear warm-up/decay), gradient norm clipped
-to 1 (as :func:`retrikt.classifier.train_classifier`). Losses all come from
+to 1 (:func:`retrikt.classifier.fit`, the loop the teacher uses too). Losses all come from
 :mod:`retrikt.distill.losses`; α = ``kd_alpha``, T = ``kd_temperature``:
 
 * ``finetune``: CE on the gold train labels.
@@ -41,7 +41,6 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -49,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from retrikt import paths, store
-from retrikt.classifier import Classifier, batches, linear_warmup
+from retrikt.classifier import Classifier, Objective, ce_objective, fit
 from retrikt.distill import losses as L
 from retrikt.io import DataError, atomic_dir, read_jsonl
 from retrikt.params import METHODS, Params, StudentParams
@@ -59,20 +58,9 @@ from retrikt.tasks import get_task
 from retrikt.teacher import write_predictions
 
 log = logging.getLogger(__name__)
-MAX_GRAD_NORM = 1.0  # as train_classifier
 LATENCY_EXAMPLES = 64
 MGSKD_MAX_HEADS = 64  # n_relation_heads in both official repos
 TEACHER_BATCH = 32  # batch size of the one-off teacher passes
-
-
-@dataclass
-class Objective:
-    """What the shared loop needs from a method: how many items an epoch covers, the loss of a
-    batch of item indices, and validation class probabilities."""
-
-    n_items: int
-    loss: Callable[[list[int]], torch.Tensor]
-    predict: Callable[[Sequence[dict]], np.ndarray]
 
 
 def _labels(rows: Sequence[dict]) -> torch.Tensor:
@@ -90,12 +78,7 @@ def _teacher_logits(teacher: Classifier, rows: Sequence[dict]) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------- methods --- #
-def finetune(student: Classifier, train: list[dict]) -> Objective:
-    def loss(idx: list[int]) -> torch.Tensor:
-        rows = [train[i] for i in idx]
-        return F.cross_entropy(student.forward(rows)[0].logits, _labels(rows))
-
-    return Objective(len(train), loss, student.predict_proba)
+finetune = ce_objective  # CE on the gold train labels, exactly the teacher's objective
 
 
 def vanilla_kd(student: Classifier, teacher: Classifier, train: list[dict], sp: StudentParams) -> Objective:
@@ -310,38 +293,6 @@ class Retrieval:
         index = self.build_index() if index is None else index
         ids = np.arange(len(self.entries))
         return retrieval_proba(self.student.embed(rows), index, ids, self.soft, self.top_k, self.tau)[0]
-
-
-# ---------------------------------------------------------------------------------- the loop --- #
-def fit(objective: Objective, student: Classifier, validation: Sequence[dict], *, epochs: int, lr: float,
-        batch_size: int, seed: int, weight_decay: float, warmup_ratio: float,
-        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
-    """AdamW + linear warm-up/decay over ``objective``; one history row per epoch (validation metrics)."""
-    task = student.task
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(student.model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = linear_warmup(opt, epochs * math.ceil(objective.n_items / batch_size), warmup_ratio)
-    history = []
-    for epoch in range(1, epochs + 1):
-        student.model.train()
-        total, n = 0.0, 0
-        for idx in batches(objective.n_items, batch_size, gen):
-            loss = objective.loss(idx)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.model.parameters(), MAX_GRAD_NORM)
-            opt.step()
-            sched.step()
-            total, n = total + loss.item() * len(idx), n + len(idx)
-        preds = objective.predict(validation).argmax(1).tolist()
-        metrics = task.compute_metrics([r["label"] for r in validation], preds)
-        row = {"epoch": epoch, "train_loss": total / max(n, 1), **{f"val_{k}": v for k, v in metrics.items()}}
-        history.append(row)
-        log.info("epoch %d: %s", epoch, row)
-        if on_epoch:
-            on_epoch(row)
-    student.model.eval()
-    return history
 
 
 def median_ms(fn: Callable[[object], object], items: Sequence[object]) -> float:

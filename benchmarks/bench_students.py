@@ -1,0 +1,108 @@
+"""Seconds per epoch of every student method with the real models (not a test).
+
+Builds a throw-away repo in a temporary folder: CB train/validation from ``data/processed/cb``, the
+real encoder and teacher (``models/base/encoder``, ``models/cb/teacher``; an untrained head on the
+encoder if the teacher is not trained yet), and — TIMING ONLY — a stand-in store made of the
+``--store`` shortest train rows (generated entries are at most ``generate.max_new_tokens`` tokens
+long), soft-labelled by the teacher. The pipeline never does this: its store comes from the
+generate stage. Then runs the index stage and one student per method × layers.
+
+    python benchmarks/bench_students.py --epochs 1 --layers 2 4 --out /tmp/bench_students.json
+
+Reported per run: ``setup_seconds`` (one-off teacher passes, candidate mining), ``epoch_seconds``
+(one epoch + its validation pass), ``total_seconds`` (the whole ``train_student`` call, saving and
+latency included), ``cpu_seconds`` (process CPU time of that call, all threads) and the load average
+before/after — on a shared machine wall times are inflated by other processes, CPU time much less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_repo(root: Path, store_size: int) -> None:
+    import numpy as np
+
+    from retrikt import paths, store
+    from retrikt.classifier import Classifier
+    from retrikt.io import read_jsonl, write_jsonl
+
+    for split in ("train", "validation"):
+        write_jsonl(paths.split_file("cb", split), read_jsonl(REPO / paths.split_file("cb", split)))
+    paths.base_model("encoder").parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(REPO / paths.base_model("encoder"), paths.base_model("encoder"))
+    real_teacher = REPO / paths.teacher("cb")
+    if (real_teacher / "model.safetensors").exists():  # a copy: the pipeline may replace the original
+        shutil.copytree(real_teacher, paths.teacher("cb"))
+    else:
+        from retrikt.tasks import get_task
+
+        Classifier.from_base(paths.base_model("encoder"), get_task("cb")).save(paths.teacher("cb"))
+    teacher = Classifier.load(paths.teacher("cb"))
+    rows = read_jsonl(paths.split_file("cb", "train"))  # stand-in store: timing only
+    rows = sorted(rows, key=lambda r: len(teacher.tokenizer(*teacher.task.render(r))["input_ids"]))[:store_size]
+    soft = teacher.predict_proba(rows).astype(np.float64)
+    write_jsonl(store.entries_file("cb"), [
+        {"id": i, "premise": r["premise"], "hypothesis": r["hypothesis"], "label": r["label"],
+         "soft_label": (s / s.sum()).tolist(), "text": ""} for i, (r, s) in enumerate(zip(rows, soft))])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--methods", nargs="+", default=None)
+    ap.add_argument("--store", type=int, default=150)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("RETRIKT_MLFLOW", "0")
+
+    import yaml
+
+    from retrikt.distill.train import train_student
+    from retrikt.index import index as index_stage
+    from retrikt.params import METHODS, parse_params
+    from retrikt.tracking import StageRun, disable_telemetry
+
+    disable_telemetry()
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["student"]["epochs"] = args.epochs
+    params = parse_params(raw)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-students-") as tmp:
+        os.chdir(tmp)
+        build_repo(Path(tmp), args.store)
+        with StageRun("index", metrics_path=None, task="cb") as run:
+            print("index:", json.dumps(index_stage(params, "cb", run)), flush=True)
+        for layers in args.layers:
+            for method in args.methods or METHODS:
+                load0, t0, c0 = os.getloadavg()[0], time.perf_counter(), time.process_time()
+                with StageRun("train_student", metrics_path=None, task="cb") as run:
+                    m = train_student(params, "cb", run, method=method, layers=layers, seed=0)
+                row = {"method": method, "layers": layers, "epochs": args.epochs,
+                       "setup_seconds": round(m["setup_seconds"], 1), "epoch_seconds": round(m["epoch_seconds"], 1),
+                       "total_seconds": round(time.perf_counter() - t0, 1),
+                       "cpu_seconds": round(time.process_time() - c0, 1),
+                       "latency_ms": round(m["latency_ms"], 1), "forward_latency_ms": round(m["forward_latency_ms"], 1),
+                       "accuracy": round(m["accuracy"], 3), "load_avg": [round(load0, 1), round(os.getloadavg()[0], 1)]}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
