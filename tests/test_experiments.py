@@ -96,7 +96,7 @@ def test_queued_grid_lands_in_dvc_and_mlflow(tmp_path, tiny_encoder_dir, mlflow_
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("DVC_EXP_NAME", None)
 
-    def dvc(*args: str, timeout: int = 120) -> str:
+    def dvc(*args: str, timeout: int = 300) -> str:
         out = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
         assert out.returncode == 0, f"dvc {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
         return out.stdout
@@ -104,14 +104,17 @@ def test_queued_grid_lands_in_dvc_and_mlflow(tmp_path, tiny_encoder_dir, mlflow_
     names = ["lr-small", "lr-large"]
     for name, lr in zip(names, ("1e-4", "1e-3")):
         dvc("exp", "run", "--queue", "-n", name, "-S", f"teacher.lr={lr}", "teacher@cb")
-    dvc("queue", "start", "-j", "1")
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        status = dvc("queue", "status")
-        if not any(s in status for s in ("Queued", "Running")):
-            break
-        time.sleep(3)
-    assert "Failed" not in status, status + dvc("queue", "logs", names[0])
+    try:
+        dvc("queue", "start", "-j", "1")
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            status = dvc("queue", "status")
+            if not any(s in status for s in ("Queued", "Running")):
+                break
+            time.sleep(5)
+        assert "Failed" not in status, status + dvc("queue", "logs", names[0])
+    finally:  # never leave a worker behind, even when an assertion fails
+        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True, timeout=120)
 
     shown = json.loads(dvc("exp", "show", "--json"))
     exp_names = {e.get("name") for commit in shown for e in (commit.get("experiments") or [])
@@ -128,4 +131,3 @@ def test_queued_grid_lands_in_dvc_and_mlflow(tmp_path, tiny_encoder_dir, mlflow_
     assert set(names) <= set(by_exp), by_exp.keys()
     for name in names:
         assert 0.0 <= by_exp[name]["accuracy"] <= 1.0
-    dvc("queue", "stop", timeout=60)
