@@ -14,7 +14,7 @@ import torch
 import retrikt.generate as gen_mod
 from retrikt import paths
 from retrikt.generate import GenerationError, dedupe, draw_labels, generate, jaccard, label_prior, word_ngrams
-from retrikt.generator import attach_prompt, source_text, target_text, token_nll, tokenize_for_training
+from retrikt.generator import Samples, attach_prompt, source_text, target_text, token_nll, tokenize_for_training
 from retrikt.io import read_json, read_jsonl
 from retrikt.models import load_generator
 from retrikt.tasks import get_task
@@ -88,7 +88,8 @@ CONTROLLED = [
 
 @pytest.fixture
 def controlled_repo(tiny_causal_dir, tiny_encoder_dir, in_tmp_repo, monkeypatch):
-    """A tmp repo with a tiny generator, prompt and teacher; `sample` returns CONTROLLED in order."""
+    """A tmp repo with a tiny generator, prompt and teacher; sampling returns CONTROLLED in order
+    (samples 1 and 6 flagged as cut off by max_new_tokens)."""
     lay_out_repo(tiny_causal_dir, tiny_encoder_dir)
     model, _ = load_generator(paths.base_model("generator"))
     attach_prompt(model, 2, "random", "", paths.base_model("generator")).save_pretrained(paths.prompt("cb"))
@@ -96,9 +97,10 @@ def controlled_repo(tiny_causal_dir, tiny_encoder_dir, in_tmp_repo, monkeypatch)
 
     def fake_sample(model, tok, sources, **kw):
         calls.append(list(sources))
-        return CONTROLLED[:len(sources)]
+        n = len(sources)
+        return Samples(CONTROLLED[:n], [i not in (1, 6) for i in range(n)], tokens=10 * n)
 
-    monkeypatch.setattr(gen_mod, "sample", fake_sample)
+    monkeypatch.setattr(gen_mod, "sample_full", fake_sample)
     return calls
 
 
@@ -119,7 +121,8 @@ def test_generate_counts_dedupes_and_deleaks(controlled_repo, monkeypatch):
     assert metrics["size"] == 5 and metrics["prompt"] == "prompt_tune" and metrics["teacher_filtered"] == 0
     assert sum(metrics["label_counts"].values()) == 5 and set(metrics["label_counts"]) == set(CB.labels)
     assert 0.0 <= metrics["self_bleu"] <= 1.0 and metrics["self_bleu_entries"] == 5
-    assert set(run.timings) == {"generation_seconds", "tokens_per_second"}
+    assert metrics["truncated_rate"] == pytest.approx(2 / 12) and metrics["truncated_in_store"] == 1
+    assert metrics["generated_tokens"] == 120 and set(run.timings) == {"generation_seconds", "tokens_per_second"}
 
     entries = read_jsonl(paths.store("cb") / "entries.jsonl")
     assert [e["id"] for e in entries] == list(range(5))
@@ -155,11 +158,18 @@ def test_generate_filter_by_teacher_and_ppo_prompt(controlled_repo, monkeypatch)
 
 
 def test_generate_empty_store_is_a_clear_error(controlled_repo, monkeypatch):
-    monkeypatch.setattr(gen_mod, "sample", lambda model, tok, sources, **kw: ["garbage"] * len(sources))
+    monkeypatch.setattr(gen_mod, "sample_full",
+                        lambda model, tok, sources, **kw: Samples(["garbage"] * len(sources), [True] * len(sources), 7))
     with pytest.raises(GenerationError, match=r"^generate: 0 of 7 samples survived parsing/dedup; raise "
                                               r"generate.num_samples or train the prompt longer$"):
         _run_generate(make_params(generate={"num_samples": 7}), monkeypatch)
     assert not (paths.store("cb") / "entries.jsonl").exists()
+
+
+def test_generate_without_a_prompt_says_which_stage(tiny_causal_dir, in_tmp_repo, monkeypatch):
+    lay_out_repo(tiny_causal_dir)
+    with pytest.raises(FileNotFoundError, match="run the prompt_tune stage first"):
+        _run_generate(make_params(generate={"num_samples": 3}), monkeypatch)
 
 
 # ------------------------------------------------------------------------------ stage, real tiny sampling

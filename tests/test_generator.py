@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from retrikt.generator import (IGNORE, attach_prompt, load_with_prompt, nll, sample, source_text, target_text,
-                               token_nll, tokenize_for_training)
+from retrikt.generator import (IGNORE, attach_prompt, load_with_prompt, nll, sample, sample_full, source_text,
+                               target_text, token_nll, tokenize_for_training)
 from retrikt.models import load_generator
 from retrikt.tasks import get_task
 
@@ -96,6 +96,9 @@ def test_sample_is_deterministic_strings(gen_dir):
     assert a == b and len(a) == len(src) and all(isinstance(t, str) for t in a)
     assert sample(pm, tok, src, seed=8, **kw) != a
     assert all(t == t.strip() and tok.eos_token not in t for t in a)
+    full = sample_full(pm, tok, src, seed=7, **kw)
+    assert full.texts == a and len(full.finished) == len(src)
+    assert 12 * full.finished.count(False) <= full.tokens <= 12 * len(src)  # unfinished rows used all 12
 
 
 def test_batched_sampling_equals_one_by_one(gen_dir):
@@ -124,7 +127,8 @@ def test_load_with_prompt_round_trips(gen_dir, tmp_path):
     kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.95, batch_size=2, seed=3)
     assert sample(loaded, tok2, src, **kw) == sample(pm, tok, src, **kw)
     trainable, _ = load_with_prompt(gen_dir, tmp_path / "adapter", trainable=True)
-    assert [n for n, p in trainable.named_parameters() if p.requires_grad] == ["prompt_encoder.default.embedding.weight"]
+    trainable_names = [n for n, p in trainable.named_parameters() if p.requires_grad]
+    assert trainable_names == ["prompt_encoder.default.embedding.weight"]
 
 
 def test_nll_is_the_token_mean(gen_dir):

@@ -8,6 +8,9 @@
    validation examples (no leakage into the store), exact duplicates and near duplicates (Jaccard
    over word 3-grams >= ``near_dup_threshold`` against an entry already kept; the first is kept).
    Comparisons use the normalised serialisation (lower case, whitespace collapsed).
+   Samples cut off by ``max_new_tokens`` (no EOS) are kept if they parse; ``truncated_rate`` and
+   ``truncated_in_store`` count them (a high rate: the prompt has not learned to stop, or
+   max_new_tokens is too small for the task).
 4. The reward model (the task teacher) gives every entry soft labels; with
    ``filter_by_teacher`` only entries whose teacher argmax equals the conditioning label stay.
 
@@ -30,7 +33,7 @@ import numpy as np
 
 from retrikt import paths
 from retrikt.classifier import Classifier
-from retrikt.generator import load_with_prompt, sample, source_text
+from retrikt.generator import load_with_prompt, sample_full, source_text
 from retrikt.io import DataError, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 from retrikt.params import Params
 from retrikt.rl.rewards import corpus_self_bleu
@@ -149,16 +152,17 @@ def generate(params: Params, task_name: str, run) -> dict:
     validation = read_jsonl(paths.split_file(task.name, "validation"))
     use_ppo = params.rl.enabled and (paths.ppo(task.name) / "adapter_config.json").exists()
     adapter = paths.ppo(task.name) if use_ppo else paths.prompt(task.name)
+    if not (adapter / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{adapter}: no soft prompt (run the prompt_tune stage first)")
     model, tok = load_with_prompt(paths.base_model("generator"), adapter)
 
     labels = draw_labels(gp.num_samples, task.num_labels, gp.balance, label_prior(train, task.num_labels),
                          params.seed)
     log.info("generate: %d samples from %s", len(labels), adapter)
     t0 = time.time()
-    texts = sample(model, tok, [source_text(task, lab) for lab in labels], max_new_tokens=gp.max_new_tokens,
-                   temperature=gp.temperature, top_p=gp.top_p, batch_size=gp.batch_size, seed=params.seed)
-    seconds = time.time() - t0
-    n_tokens = sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]) if texts else 0
+    drawn = sample_full(model, tok, [source_text(task, lab) for lab in labels], max_new_tokens=gp.max_new_tokens,
+                        temperature=gp.temperature, top_p=gp.top_p, batch_size=gp.batch_size, seed=params.seed)
+    seconds, texts = time.time() - t0, drawn.texts
     del model
 
     cands, counts = clean_samples(task, texts, train, validation, gp.near_dup_threshold)
@@ -191,7 +195,9 @@ def generate(params: Params, task_name: str, run) -> dict:
         "teacher_agreement": float(np.mean(agree)), "teacher_filtered": len(cands) - len(keep),
         "size": len(entries), "label_counts": {name: per_label[lab] for lab, name in enumerate(task.labels)},
         "self_bleu": corpus_self_bleu(serials), "self_bleu_entries": len(serials),
-        "generated_tokens": n_tokens,
+        "truncated_rate": drawn.finished.count(False) / max(1, len(texts)),
+        "truncated_in_store": sum(not drawn.finished[cands[j][0]] for j in keep),
+        "generated_tokens": drawn.tokens,
     }
     out = paths.store(task.name)
     write_jsonl(out / "entries.jsonl", entries)
@@ -199,7 +205,7 @@ def generate(params: Params, task_name: str, run) -> dict:
     preview = atomic_write_text(out / "preview.md", _preview(task, entries))
     run.log_artifact(preview)
     run.set_metrics(metrics)
-    run.set_timings({"generation_seconds": seconds, "tokens_per_second": n_tokens / max(seconds, 1e-9)})
+    run.set_timings({"generation_seconds": seconds, "tokens_per_second": drawn.tokens / max(seconds, 1e-9)})
     log.info("generate: store of %d entries (parse rate %.2f, self-BLEU %.3f)", len(entries),
              metrics["parse_rate"], metrics["self_bleu"])
     return metrics

@@ -25,6 +25,7 @@ Sampling feeds ``[prompt; embedded source]`` to the base model's ``generate`` as
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -162,14 +163,30 @@ def nll(model, tok, sources: Sequence[str], targets: Sequence[str], max_length: 
     return total / max(count, 1)
 
 
-@torch.no_grad()
+@dataclass
+class Samples:
+    """What :func:`sample_full` returns: texts, whether each ended with EOS, generated token count."""
+
+    texts: list[str]
+    finished: list[bool]  # False: stopped by max_new_tokens (the text may be cut mid-example)
+    tokens: int  # generated tokens, EOS included, padding not
+
+
 def sample(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperature: float, top_p: float,
            batch_size: int, seed: int) -> list[str]:
-    """One sampled continuation per source (temperature + nucleus sampling, no top-k), decoded text only.
+    """One sampled continuation per source (see :func:`sample_full`), decoded text only."""
+    return sample_full(model, tok, sources, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       batch_size=batch_size, seed=seed).texts
+
+
+@torch.no_grad()
+def sample_full(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperature: float, top_p: float,
+                batch_size: int, seed: int) -> Samples:
+    """One sampled continuation per source (temperature + nucleus sampling, no top-k).
 
     ``model`` is a PEFT prompt-tuning model (or a bare generator). Deterministic for a given seed,
-    batch size and source order: ``torch.manual_seed(seed + batch_no)`` before each batch. Text
-    stops at the first EOS; special tokens are stripped.
+    batch size and source order: ``torch.manual_seed(seed + batch_no)`` before each batch. Texts
+    stop at the first EOS; special tokens are stripped.
     """
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     seq2seq = bool(getattr(base.config, "is_encoder_decoder", False))
@@ -178,7 +195,7 @@ def sample(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperatu
         **base.generation_config.to_dict(), "do_sample": True, "temperature": temperature, "top_p": top_p,
         "top_k": 0, "max_new_tokens": max_new_tokens, "max_length": None, "eos_token_id": eos,
         "pad_token_id": pad, "num_beams": 1, "num_return_sequences": 1})
-    texts: list[str] = []
+    out = Samples([], [], 0)
     with _eval_mode(model):
         for batch_no, i in enumerate(range(0, len(sources), batch_size)):
             chunk = list(sources[i:i + batch_size])
@@ -189,9 +206,12 @@ def sample(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperatu
                 embeds = torch.cat([prompt, embeds], dim=1)
                 mask = torch.cat([torch.ones(len(chunk), prompt.shape[1], dtype=mask.dtype), mask], dim=1)
             torch.manual_seed(seed + batch_no)
-            out = base.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
-            for row in out.tolist():
+            ids = base.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+            for row in ids.tolist():
                 row = row[1:] if seq2seq else row  # seq2seq output starts with the decoder start token
-                row = row[:row.index(eos)] if eos in row else row
-                texts.append(tok.decode(row, skip_special_tokens=True).strip())
-    return texts
+                done = eos in row
+                row = row[:row.index(eos)] if done else row
+                out.texts.append(tok.decode(row, skip_special_tokens=True).strip())
+                out.finished.append(done)
+                out.tokens += len(row) + done
+    return out
