@@ -28,7 +28,7 @@ ROWS = [{"premise": f"the cat sat on the mat {i}", "hypothesis": h, "idx": i, "l
 def _params(**rl):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["rl"].update({"updates": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 8,
-                      "eval_samples": 3, **rl})
+                      "eval_samples": 3, "require_improvement": False, **rl})
     return parse_params(raw)
 
 
@@ -94,3 +94,14 @@ def test_label_sampler_prior_and_uniform():
     assert prior.count(task.condition(0)) > 150 and prior.count(task.condition(2)) == 0
     uniform = label_sampler(task, rows, "uniform", 0)(300)
     assert all(uniform.count(task.condition(y)) > 60 for y in range(3))
+
+
+def test_a_prompt_that_lowers_the_reward_is_not_kept(tiny_repo, monkeypatch):
+    import retrikt.rl.stage as stage
+
+    scores = iter([1.0, 0.5])  # before, after
+    monkeypatch.setattr(stage, "rollout_quality", lambda *a, **k: {"reward": next(scores), "confidence": 0.0})
+    m = _run(_params(require_improvement=True))
+    assert m["accepted"] == 0 and m["reward_before"] == 1.0 and m["reward_after"] == 0.5
+    assert not (paths.ppo("cb") / "adapter_config.json").exists()
+    assert read_json(paths.ppo("cb") / "retrikt_ppo.json")["accepted"] is False

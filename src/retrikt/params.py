@@ -95,6 +95,7 @@ class PromptTuneParams:
 @dataclass(frozen=True)
 class RLParams:
     enabled: bool = True
+    require_improvement: bool = True
     algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
     updates: int = _f(6, lo=1)
     batch_size: int = _f(8, lo=2)

@@ -8,7 +8,9 @@ per-token KL to the reference is handled by the algorithm (ours: in the reward; 
 
 ``rl.algorithm``: ``ppo`` (ours, :mod:`retrikt.rl.ppo`, causal and seq2seq) or trl's ``grpo``/``rloo``
 (causal only) with the same reward function. ``rl.enabled: false`` is the paper's "w/o PPO" ablation:
-the stage then writes only ``disabled.json`` and `generate` falls back to the step-1 prompt.
+the stage then writes only ``disabled.json`` and `generate` falls back to the step-1 prompt. With
+``rl.require_improvement`` (default) the RL prompt is kept only if it raised the mean reward of the
+evaluation rollouts; otherwise ``accepted: 0`` is recorded and `generate` uses the step-1 prompt.
 
 Before/after: the same seeded, label-balanced evaluation rollouts are drawn from the step-1 prompt and
 from the tuned one; the reward model's mean confidence and self-BLEU of both go to the metrics.
@@ -97,8 +99,8 @@ def _train_ours(model, tok, reward, draw, rp, seed: int, run) -> None:
     trainer = SoftPromptPPO(model, tok, cfg, reward)
 
     def log_update(i: int, stats: dict) -> None:
-        keep = ("reward", "mean_accuracy", "mean_diversity", "mean_length_penalty", "mean_parse_fail", "kl",
-                "kl_coef", "self_bleu", "rm_accuracy", "entropy", "clip_frac", "policy_loss", "value_loss")
+        keep = ("reward", "accuracy", "diversity", "length_penalty", "parse_fail", "kl", "kl_coef", "self_bleu",
+                "rm_accuracy", "entropy", "clip_frac", "policy_loss", "value_loss", "response_length")
         run.add_plot_row("ppo_curve", {"update": i + 1, **{k: float(stats[k]) for k in keep if k in stats}},
                          step_key="update")
         log.info("ppo update %d: %s", i + 1, {k: round(float(v), 4) for k, v in stats.items()})
@@ -146,11 +148,20 @@ def ppo(params: Params, task_name: str, run) -> dict:
     (_train_ours if rp.algorithm == "ppo" else _train_trl)(model, tok, reward, draw, rp, params.seed, run)
     after = rollout_quality(model, tok, reward, eval_conditions, rp, params.seed + 1)
 
+    # keep the RL prompt only if it improved the seeded evaluation reward (rl.require_improvement);
+    # otherwise say so in the metrics and let `generate` fall back to the step-1 prompt
+    accepted = after["reward"] > before["reward"] or not rp.require_improvement
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        atomic_write_json(tmp / "retrikt_ppo.json", {"task": task.name, "algorithm": rp.algorithm,
-                                                     "updates": rp.updates, "length_bounds": list(bounds)})
-    metrics = {"enabled": 1, "updates": rp.updates, "length_min": bounds[0], "length_max": bounds[1],
+        info = {"task": task.name, "algorithm": rp.algorithm, "updates": rp.updates, "length_bounds": list(bounds),
+                "accepted": accepted}
+        if accepted:
+            model.save_pretrained(tmp)
+        else:
+            info["reason"] = "the RL prompt lowered the evaluation reward; generate uses the step-1 prompt"
+            log.warning("ppo: %s (%.4f -> %.4f)", info["reason"], before["reward"], after["reward"])
+        atomic_write_json(tmp / "retrikt_ppo.json", info)
+    metrics = {"enabled": 1, "accepted": int(accepted), "updates": rp.updates, "length_min": bounds[0],
+               "length_max": bounds[1],
                **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()}}
     run.set_metrics(metrics)
     run.set_timings({"seconds": round(time.perf_counter() - t0, 1)})
