@@ -160,6 +160,34 @@ def in_tmp_repo(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_model(tmp_path_factory):
+    """``real_model(role)``: the registry model folder the pipeline resolved, else resolved now from
+    params.yaml's spec into a temporary folder (a fresh clone has no models/base/); skips if the
+    registry package is not installed."""
+    import yaml
+
+    from retrikt.models import ModelResolutionError, resolve
+    from retrikt.params import ModelSpec
+
+    found: dict[str, Path] = {}
+
+    def get(role: str) -> Path:
+        if role not in found:
+            done = REPO / "models" / "base" / role
+            if (done / "config.json").exists():
+                found[role] = done
+            else:
+                spec = ModelSpec(**yaml.safe_load((REPO / "params.yaml").read_text())["models"][role])
+                try:
+                    found[role] = resolve(spec, role, tmp_path_factory.mktemp("base"))
+                except ModelResolutionError as e:
+                    pytest.skip(f"{role} model not available: {e}")
+        return found[role]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def mirror() -> Path:
     if not (MIRROR / "cb" / "train.jsonl").exists():
         pytest.skip(f"GLUE mirror not found at {MIRROR}")

@@ -14,13 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from retrikt import paths
 from retrikt.generate import generate
 from retrikt.io import read_jsonl
-from retrikt.models import ModelResolutionError, resolve
-from retrikt.params import ModelSpec
 from retrikt.prompt_tune import prompt_tune
 from retrikt.tasks import get_task
 
@@ -31,15 +28,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory) -> Path:
-    resolved = REPO / paths.base_model("generator")
-    if (resolved / "config.json").exists():
-        return resolved
-    spec = ModelSpec(**yaml.safe_load((REPO / "params.yaml").read_text())["models"]["generator"])
-    try:
-        return resolve(spec, "generator", tmp_path_factory.mktemp("base"))
-    except ModelResolutionError as e:
-        pytest.skip(f"SmolLM2 not available: {e}")
+def smollm2(real_model) -> Path:
+    return real_model("generator")
 
 
 def _cb_rows(split: str) -> list[dict]:

@@ -21,7 +21,6 @@ from retrikt.tracking import StageRun
 from .conftest import REPO
 
 pytestmark = pytest.mark.slow
-ENCODER = REPO / "models" / "base" / "encoder"
 STORE = [
     ("The doctor said the test came back clean.", "The test result was clean.", 0),
     ("I doubt that he ever finished the book.", "He finished the book.", 1),
@@ -33,15 +32,14 @@ STORE = [
 
 
 @pytest.fixture
-def real_repo(in_tmp_repo, mirror, monkeypatch):
-    if not (ENCODER / "model.safetensors").exists():
-        pytest.skip(f"real encoder not resolved at {ENCODER} (run `retrikt resolve-model encoder`)")
+def real_repo(in_tmp_repo, mirror, monkeypatch, real_model):
+    encoder = real_model("encoder")
     monkeypatch.setenv("RETRIKT_MLFLOW", "0")
     write_jsonl(paths.split_file("cb", "train"), read_jsonl(mirror / "cb" / "train.jsonl")[:16])
     write_jsonl(paths.split_file("cb", "validation"), read_jsonl(mirror / "cb" / "validation.jsonl")[:8])
     paths.base_model("encoder").parent.mkdir(parents=True)
-    os.symlink(ENCODER, paths.base_model("encoder"))
-    teacher = Classifier.from_base(ENCODER, get_task("cb"), max_length=64)  # reward model stand-in
+    os.symlink(encoder, paths.base_model("encoder"))
+    teacher = Classifier.from_base(encoder, get_task("cb"), max_length=64)  # reward model stand-in
     teacher.save(paths.teacher("cb"))
     entries = [{"premise": p, "hypothesis": h, "label": y} for p, h, y in STORE]
     soft = teacher.predict_proba(entries).astype(np.float64)
