@@ -17,7 +17,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from retrikt import paths
-from retrikt.io import DataError, atomic_write_json, read_jsonl, write_jsonl
+from retrikt.io import DataError, atomic_write_json, read_jsonl_numbered, write_jsonl
 from retrikt.params import Params
 from retrikt.tasks import Task, get_task
 
@@ -39,15 +39,14 @@ def load_split(task: Task, split: str, mirror: Path | None) -> list[dict]:
 
         rows = [dict(r) for r in datasets.load_dataset(task.hf_path, task.hf_config, split=split)]
         where = f"{task.hf_path}/{task.hf_config}:{split}"
-        lines = range(1, len(rows) + 1)
+        numbered = list(enumerate(rows, 1))
     else:
         path = mirror / task.mirror_dir / f"{split}.jsonl"
         if not path.exists():
             raise DataError(f"{path}: not found (mirror {mirror} has no task '{task.name}')")
-        rows, where, lines = read_jsonl(path), str(path), None
-        # read_jsonl skips blank lines; recover line numbers for messages
-        lines = [i for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
-    for row, line in zip(rows, lines):
+        numbered, where = read_jsonl_numbered(path), str(path)
+        rows = [row for _, row in numbered]
+    for line, row in numbered:
         try:
             task.validate(row)
             if "label" not in row:

@@ -56,8 +56,9 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read JSON Lines; a malformed line raises DataError naming the file and line number."""
+def read_jsonl_numbered(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """``(line number, row)`` pairs of a JSON Lines file (blank lines skipped); a malformed line raises
+    DataError naming the file and line number."""
     path = Path(path)
     rows = []
     with path.open(encoding="utf-8") as f:
@@ -70,8 +71,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+            rows.append((lineno, row))
     return rows
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read JSON Lines; a malformed line raises DataError naming the file and line number."""
+    return [row for _, row in read_jsonl_numbered(path)]
 
 
 @contextlib.contextmanager
