@@ -160,7 +160,8 @@ def test_generate_filter_by_teacher_and_ppo_prompt(controlled_repo, monkeypatch)
 def test_generate_empty_store_is_a_clear_error(controlled_repo, monkeypatch):
     monkeypatch.setattr(gen_mod, "sample_full",
                         lambda model, tok, sources, **kw: Samples(["garbage"] * len(sources), [True] * len(sources), 7))
-    with pytest.raises(GenerationError, match=r"^generate: 0 of 7 samples survived parsing/dedup; raise "
+    with pytest.raises(GenerationError, match=r"^generate: 0 of 7 samples survived parsing/dedup \(0 parsed, 0 copies of "
+                                              r"train/validation rows\); raise "
                                               r"generate.num_samples or train the prompt longer$"):
         _run_generate(make_params(generate={"num_samples": 7}), monkeypatch)
     assert not (paths.store("cb") / "entries.jsonl").exists()

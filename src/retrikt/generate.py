@@ -171,8 +171,9 @@ def generate(params: Params, task_name: str, run) -> dict:
     keep = [j for j in range(len(cands)) if agree[j] or not gp.filter_by_teacher]
     if not keep:
         raise GenerationError(f"generate: 0 of {len(texts)} samples survived parsing/dedup"
-                              f"{'/teacher filter' if gp.filter_by_teacher else ''}; "
-                              "raise generate.num_samples or train the prompt longer")
+                              f"{'/teacher filter' if gp.filter_by_teacher else ''} ({counts['parsed']} parsed, "
+                              f"{counts['leaked_train'] + counts['leaked_validation']} copies of train/validation "
+                              f"rows); raise generate.num_samples or train the prompt longer")
 
     entries = []
     for new_id, j in enumerate(keep):

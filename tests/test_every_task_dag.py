@@ -1,0 +1,167 @@
+"""Every registry task runs through the whole DAG by changing `tasks` only (issue: experiments).
+
+For each task: a throw-away DVC project with this repository's dvc.yaml, src/ and params.yaml, where
+params differ from the defaults only in `tasks: [<task>]` and in scale (tiny local models, a tiny
+mirror, one epoch). DVC itself resolves the stages (its own graph, dependencies first); each stage's
+command is then run in-process through the `retrikt` CLI, after checking that every file dependency
+the stage declares exists, and followed by a check that every output it declares was written. So the
+test fails if dvc.yaml and the code disagree for any task (a missing dep, an output never written),
+or if any stage cannot handle the task's fields, labels, serialisation or metrics.
+
+The generator is the tiny causal LM fitted (a few seconds) to write a few of the task's rows that are
+in neither split, so its samples parse into a store.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from retrikt.generator import source_text, target_text, token_nll, tokenize_for_training
+from retrikt.io import read_json, read_jsonl
+from retrikt.models import load_generator
+from retrikt.tasks import TASKS, get_task
+
+from .conftest import FIXTURES, MIRROR, REPO
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: ~6 s a task
+
+FIXTURE_TASKS = {"boolq", "wic"}  # not in the mirror: our hand-written rows in the HF schema
+
+
+def _rows(task_name: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, generator rows): short rows, disjoint, each label in the generator rows."""
+    task = get_task(task_name)
+    if task_name in FIXTURE_TASKS:
+        rows = read_jsonl(FIXTURES / f"{task_name}.jsonl")
+        n = len(rows)
+        return rows[: n // 2], rows[n // 2: n - 4], rows[n - 4:]
+    folder = MIRROR / task.mirror_dir
+    if not (folder / "train.jsonl").exists():
+        pytest.skip(f"GLUE mirror has no {task_name} at {folder}")
+
+    def head(split: str, n: int) -> list[dict]:
+        with open(folder / f"{split}.jsonl", encoding="utf-8") as f:
+            rows = [json.loads(line) for _, line in zip(range(n), f)]
+        return sorted(rows, key=lambda r: len(task.serialise(r)))  # short rows: fast tiny models
+
+    pool = head("train", 400)
+    gen: list[dict] = []
+    for label in range(task.num_labels):
+        gen += [r for r in pool if r["label"] == label][:2]
+    rest = [r for r in pool if r not in gen]
+    return rest[:12], head("validation", 200)[:6], gen
+
+
+def _fit_generator(task_name: str, rows: list[dict], base: Path, out: Path) -> Path:
+    task = get_task(task_name)
+    torch.manual_seed(0)
+    model, tok = load_generator(base)
+    model.requires_grad_(True)
+    batch = tokenize_for_training(tok, [source_text(task, r["label"]) for r in rows],
+                                  [target_text(task, r) for r in rows], 192, seq2seq=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(120):
+        loss, n = token_nll(model, batch, seq2seq=False)
+        opt.zero_grad()
+        (loss / n).backward()
+        opt.step()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _project(root: Path, task_name: str, generator: Path, encoder: Path) -> Path:
+    """dvc.yaml, src/ and params.yaml of this repository; params: `tasks` and scale only."""
+    train, validation, _ = _rows(task_name)
+    mirror = root / "mirror" / get_task(task_name).mirror_dir
+    mirror.mkdir(parents=True)
+    for split, rows in (("train", train), ("validation", validation)):
+        (mirror / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proj = root / "project"
+    proj.mkdir()
+    shutil.copy(REPO / "dvc.yaml", proj / "dvc.yaml")
+    shutil.copytree(REPO / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p["tasks"] = [task_name]
+    p["data"]["mirror_dir"] = str(root / "mirror")
+    p["models"]["generator"] = {"name": "tiny-llama", "source": "local", "path": str(generator)}
+    p["models"]["encoder"] = {"name": "tiny-bert", "source": "local", "path": str(encoder)}
+    p["teacher"].update(epochs=1, batch_size=8, max_length=64)
+    p["prompt_tune"].update(num_virtual_tokens=2, epochs=6, batch_size=4, max_length=192, train_limit=8)
+    p["rl"].update(updates=1, batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=160, eval_samples=2)
+    p["generate"].update(num_samples=32, batch_size=16, max_new_tokens=160)
+    p["student"].update(layers=[2], epochs=1, batch_size=8, max_length=64, retrieval_candidates=4,
+                        retrieval_top_k=2)
+    p["evaluate"]["bootstrap_samples"] = 50
+    (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    return proj
+
+
+def _stages_in_order(proj: Path) -> list:
+    """DVC's own resolution of dvc.yaml for these params, dependencies first."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    Repo.init(str(proj), no_scm=True)
+    with Repo(str(proj)) as repo:
+        return list(nx.dfs_postorder_nodes(repo.index.graph))
+
+
+@pytest.mark.parametrize("task_name", sorted(TASKS))
+def test_task_runs_through_the_whole_dag(task_name, tmp_path, tiny_causal_dir, tiny_encoder_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from retrikt.cli import app
+
+    _, _, gen_rows = _rows(task_name)
+    generator = _fit_generator(task_name, gen_rows, tiny_causal_dir, tmp_path / "generator")
+    proj = _project(tmp_path, task_name, generator, tiny_encoder_dir)
+    stages = _stages_in_order(proj)
+    monkeypatch.chdir(proj)
+    monkeypatch.setenv("RETRIKT_MLFLOW", "0")  # MLflow has its own tests; here it would only cost time
+
+    names = [s.addressing for s in stages]
+    assert names[0] == "check_params" and names[-1] == "evaluate"
+    assert f"train_store_student@{task_name}-retrikt-2-0" in names and f"train_baseline@{task_name}-adkd-2-0" in names
+    runner = CliRunner()
+    for stage in stages:
+        missing = [str(d.def_path) for d in stage.deps if not getattr(d, "params", None) and not Path(d.def_path).exists()]
+        assert not missing, f"{stage.addressing}: declared dependencies missing before it runs: {missing}"
+        argv = shlex.split(stage.cmd)
+        assert argv[0] == "retrikt"
+        result = runner.invoke(app, argv[1:])
+        assert result.exit_code == 0, f"{stage.addressing}: `{stage.cmd}` exit {result.exit_code}\n{result.output}" \
+                                      f"\n{result.exception!r}"
+        unwritten = [str(o.def_path) for o in stage.outs if not Path(o.def_path).exists()]
+        assert not unwritten, f"{stage.addressing}: declared outputs not written: {unwritten}"
+
+    results = read_json(Path("reports/results.json"))
+    assert task_name in json.dumps(results)
+    report = Path("reports/results.md").read_text()
+    for method in ("teacher", "finetune", "vanilla_kd", "mgskd", "adkd", "retrikt_kd", "retrikt"):
+        assert method in report, method
+    store = read_json(Path(f"reports/metrics/{task_name}/generate.json"))
+    assert store["size"] >= 2
+
+    # `dvc plots show` renders every curve the stages declare and every figure evaluate drew
+    shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json", "-o", str(tmp_path / "html")],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    plots = json.loads(shown.stdout)
+    assert not plots.get("errors"), plots["errors"]
+    rendered = {k: v for k, v in plots["data"].items() if v}
+    t = task_name
+    for curve in ("teacher_curve", "prompt_tune_curve", "ppo_curve", "student_curve-retrikt-L2-s0",
+                  "student_curve-adkd-L2-s0"):
+        assert rendered[f"reports/plots/{t}/{curve}.json"][0]["type"] == "vega", curve
+    for figure in ("methods", "learning_curves", "ppo_curves", "confusion-retrikt-L2-s0", "confusion-teacher"):
+        assert rendered[f"reports/figures/{t}/{figure}.png"][0]["type"] == "image", figure
