@@ -100,7 +100,12 @@ def _load_source(spec: ModelSpec):
     else:  # hub: only for users who are online; tests never take this path
         from huggingface_hub import snapshot_download
 
-        src = Path(snapshot_download(spec.hub_id, revision=spec.revision))
+        try:
+            src = Path(snapshot_download(spec.hub_id, revision=spec.revision))
+        except Exception as e:  # offline, unknown id, gated repo: hub errors are many lines long
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ModelResolutionError(f"hub model {spec.hub_id!r} could not be downloaded ({type(e).__name__}: "
+                                       f"{first}); are you online? else use source: registry or local") from None
         origin = {"hub_id": spec.hub_id, "revision": spec.revision}
 
     if src.is_file() and src.suffix == ".gguf":  # dequantised by transformers into a normal model
