@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from retrikt.device import get_device, to_device
 from retrikt.io import atomic_dir, atomic_write_json, read_json
 from retrikt.tasks import Task, get_task
 
@@ -43,7 +44,8 @@ class Classifier:
     @classmethod
     def from_base(cls, base_dir: str | Path, task: Task, max_length: int = 128,
                   num_layers: int | None = None) -> "Classifier":
-        """A fresh classification head on a base encoder/decoder folder (optionally its first layers)."""
+        """A fresh classification head on a base encoder/decoder folder (optionally its first layers),
+        on :func:`retrikt.device.get_device` (truncated first, so dropped layers never travel)."""
         import transformers as tf
 
         model = tf.AutoModelForSequenceClassification.from_pretrained(
@@ -53,15 +55,16 @@ class Classifier:
             from retrikt.models import truncate_encoder
 
             truncate_encoder(model, num_layers)
-        return cls(model, tf.AutoTokenizer.from_pretrained(base_dir), task, max_length)
+        return cls(model.to(get_device()), tf.AutoTokenizer.from_pretrained(base_dir), task, max_length)
 
     @classmethod
     def load(cls, folder: str | Path) -> "Classifier":
+        """A saved classifier, in eval mode, on :func:`retrikt.device.get_device`."""
         import transformers as tf
 
         meta = read_json(Path(folder) / META)
         model = tf.AutoModelForSequenceClassification.from_pretrained(folder, dtype="float32")
-        model.eval()
+        model.to(get_device()).eval()
         return cls(model, tf.AutoTokenizer.from_pretrained(folder), get_task(meta["task"]), meta["max_length"])
 
     def save(self, folder: str | Path, extra: dict | None = None) -> Path:
@@ -74,12 +77,13 @@ class Classifier:
 
     # -- encoding and inference ---------------------------------------------------------------- #
     def encode(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """Tokenised examples, on the model's device."""
         pairs = [self.task.render(ex) for ex in examples]
         a = [p[0] for p in pairs]
         b = [p[1] for p in pairs]
         kw = dict(padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         enc = self.tokenizer(a, b, **kw) if all(x is not None for x in b) else self.tokenizer(a, **kw)
-        return dict(enc)
+        return to_device(enc, self.model.device)
 
     def forward(self, examples: Sequence[dict], hidden: bool = False):
         enc = self.encode(examples)
@@ -95,7 +99,7 @@ class Classifier:
         return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
     def logits(self, examples: Sequence[dict], batch_size: int = 32) -> np.ndarray:
-        return self._batched(examples, lambda b: self.forward(b)[0].logits.float().numpy(), batch_size)
+        return self._batched(examples, lambda b: self.forward(b)[0].logits.float().cpu().numpy(), batch_size)
 
     def predict_proba(self, examples: Sequence[dict], batch_size: int = 32) -> np.ndarray:
         z = self.logits(examples, batch_size)
@@ -109,7 +113,7 @@ class Classifier:
         return torch.nn.functional.normalize(mean_pool(out.hidden_states[-1], enc["attention_mask"]), dim=-1)
 
     def embed(self, examples: Sequence[dict], batch_size: int = 32) -> np.ndarray:
-        return self._batched(examples, lambda b: self.embed_tensor(b).float().numpy(), batch_size)
+        return self._batched(examples, lambda b: self.embed_tensor(b).float().cpu().numpy(), batch_size)
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator | None, shuffle: bool = True) -> Iterator[list[int]]:
@@ -149,7 +153,8 @@ def ce_objective(clf: Classifier, train: Sequence[dict]) -> Objective:
 
     def loss(idx: list[int]) -> torch.Tensor:
         rows = [train[i] for i in idx]
-        return torch.nn.functional.cross_entropy(clf.forward(rows)[0].logits, torch.tensor([r["label"] for r in rows]))
+        logits = clf.forward(rows)[0].logits
+        return torch.nn.functional.cross_entropy(logits, torch.tensor([r["label"] for r in rows], device=logits.device))
 
     return Objective(len(train), loss, clf.predict_proba)
 
@@ -159,7 +164,7 @@ def fit(objective: Objective, student: Classifier, validation: Sequence[dict], *
         on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """AdamW + linear warm-up/decay over ``objective``; one history row per epoch (validation metrics)."""
     task = student.task
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # CPU: it only shuffles indices
     opt = torch.optim.AdamW(student.model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = linear_warmup(opt, epochs * math.ceil(objective.n_items / batch_size), warmup_ratio)
     history = []

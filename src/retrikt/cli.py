@@ -49,15 +49,17 @@ def _guard():
 
 
 def _setup(params_path: Path, seed: int | None = None):
-    """Validate params (before any compute), quiet telemetry, configure logging and seed."""
+    """Validate params and the device (before any compute), quiet telemetry, configure logging and seed."""
     from retrikt.params import load_params
     from retrikt.tracking import disable_telemetry
 
     disable_telemetry()
     params = load_params(params_path)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    from retrikt.device import set_device
     from retrikt.seeding import seed_everything
 
+    set_device(params.device)
     seed_everything(params.seed if seed is None else seed)
     return params
 
@@ -215,11 +217,13 @@ def predict(task: str = typer.Argument(..., help="task name, e.g. cb"),
         get_task(task)
         p = load_params(params)
         from retrikt import paths
+        from retrikt.device import set_device
         from retrikt.predict import format_prediction, parse_cli_inputs, predict as run_predict
 
         folder = student or paths.student(task, "retrikt", p.student.layers[0], p.seeds[0])
         if not folder.exists():
             _fail(f"{folder}: no trained student (run `dvc repro` or pass --student)", 1)
+        set_device(p.device)
         preds = run_predict(task, folder, parse_cli_inputs(task, fields, jsonl), k or p.student.retrieval_top_k)
     for pred in preds:
         typer.echo(_json.dumps(pred, ensure_ascii=False) if as_json else format_prediction(pred, task))

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from peft import PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
+from retrikt.device import to_device
 from retrikt.models import load_generator
 from retrikt.tasks import Task
 
@@ -110,7 +111,7 @@ def load_with_prompt(generator_dir: str | Path, adapter_dir: str | Path, trainab
     and its embedding unfrozen here (the base model stays frozen either way).
     """
     model, tok = load_generator(generator_dir)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), torch_device=str(model.device))
     peft_model.requires_grad_(False)
     if trainable:
         peft_model.prompt_encoder.requires_grad_(True)
@@ -136,7 +137,9 @@ def _num_virtual(model) -> int:
 
 
 def token_nll(model, batch: Mapping[str, torch.Tensor], seq2seq: bool) -> tuple[torch.Tensor, int]:
-    """(summed token NLL, number of target tokens) of a :func:`tokenize_for_training` batch."""
+    """(summed token NLL, number of target tokens) of a :func:`tokenize_for_training` batch, which is
+    moved to the model's device first."""
+    batch = to_device(batch, model.device)
     labels = batch["labels"]
     if seq2seq:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
@@ -184,8 +187,9 @@ def sample_full(model, tok, sources: Sequence[str], *, max_new_tokens: int, temp
                 batch_size: int, seed: int) -> Samples:
     """One sampled continuation per source (temperature + nucleus sampling, no top-k).
 
-    ``model`` is a PEFT prompt-tuning model (or a bare generator). Deterministic for a given seed,
-    batch size and source order: ``torch.manual_seed(seed + batch_no)`` before each batch. Texts
+    ``model`` is a PEFT prompt-tuning model (or a bare generator); inputs go to its device.
+    Deterministic for a given seed, batch size, source order and device (a GPU draws other samples
+    than the CPU): ``torch.manual_seed(seed + batch_no)`` before each batch. Texts
     stop at the first EOS; special tokens are stripped.
     """
     base = model.get_base_model() if isinstance(model, PeftModel) else model
@@ -200,12 +204,13 @@ def sample_full(model, tok, sources: Sequence[str], *, max_new_tokens: int, temp
         for batch_no, i in enumerate(range(0, len(sources), batch_size)):
             chunk = list(sources[i:i + batch_size])
             enc = tok(chunk, padding=True, padding_side="right" if seq2seq else "left", return_tensors="pt")
+            enc = to_device(enc, base.device)
             embeds, mask = base.get_input_embeddings()(enc["input_ids"]), enc["attention_mask"]
             if isinstance(model, PeftModel):
                 prompt = model.get_prompt(batch_size=len(chunk))[:, :_num_virtual(model)].to(embeds.dtype)
                 embeds = torch.cat([prompt, embeds], dim=1)
-                mask = torch.cat([torch.ones(len(chunk), prompt.shape[1], dtype=mask.dtype), mask], dim=1)
-            torch.manual_seed(seed + batch_no)
+                mask = torch.cat([mask.new_ones(len(chunk), prompt.shape[1]), mask], dim=1)
+            torch.manual_seed(seed + batch_no)  # on a GPU this also seeds the CUDA generator generate() draws from
             ids = base.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
             for row in ids.tolist():
                 row = row[1:] if seq2seq else row  # seq2seq output starts with the decoder start token

@@ -152,8 +152,11 @@ def is_seq2seq(folder: str | Path) -> bool:
 
 
 def load_generator(folder: str | Path):
-    """(model, tokenizer) for a causal or seq2seq generator folder, in eval mode, frozen."""
+    """(model, tokenizer) for a causal or seq2seq generator folder, in eval mode, frozen, on
+    :func:`retrikt.device.get_device` (:func:`resolve` instead stays on the CPU: it only converts)."""
     import transformers as tf
+
+    from retrikt.device import get_device
 
     config = tf.AutoConfig.from_pretrained(folder)
     cls = tf.AutoModelForSeq2SeqLM if config.is_encoder_decoder else tf.AutoModelForCausalLM
@@ -161,7 +164,7 @@ def load_generator(folder: str | Path):
     tok = tf.AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.eval().requires_grad_(False)
+    model.to(get_device()).eval().requires_grad_(False)
     return model, tok
 
 

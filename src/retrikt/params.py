@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -188,6 +189,7 @@ class Params:
     seed: int = _f(0, lo=0, hi=2**32 - 1)
     seeds: list[int] = _f(factory=lambda: [0], lo=0, hi=2**32 - 1)
     tasks: list[str] = field(default_factory=lambda: ["cb"])
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; resolved by retrikt.device at stage start
     data: DataParams = field(default_factory=DataParams)
     teacher: TeacherParams = field(default_factory=TeacherParams)
     prompt_tune: PromptTuneParams = field(default_factory=PromptTuneParams)
@@ -327,6 +329,8 @@ def _cross_check(p: Params) -> None:
     for i, t in enumerate(p.tasks):
         if t not in TASKS:
             raise ParamsError(f"tasks[{i}]: unknown task '{t}'; known tasks: {', '.join(sorted(TASKS))}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", p.device):
+        raise ParamsError(f"device: {p.device!r} is not one of auto, cpu, cuda, cuda:N")
     p.model_spec(p.teacher.model)
     if p.rl.mini_batch_size > p.rl.batch_size:
         raise ParamsError("rl.mini_batch_size: must be <= rl.batch_size")

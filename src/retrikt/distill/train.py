@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from retrikt import paths, store
 from retrikt.classifier import Classifier, Objective, ce_objective, fit
+from retrikt.device import to_device
 from retrikt.distill import losses as L
 from retrikt.io import DataError, atomic_dir, read_jsonl
 from retrikt.params import METHODS, Params, StudentParams
@@ -63,8 +64,8 @@ MGSKD_MAX_HEADS = 64  # n_relation_heads in both official repos
 TEACHER_BATCH = 32  # batch size of the one-off teacher passes
 
 
-def _labels(rows: Sequence[dict]) -> torch.Tensor:
-    return torch.tensor([r["label"] for r in rows])
+def _labels(rows: Sequence[dict], device: torch.device) -> torch.Tensor:
+    return torch.tensor([r["label"] for r in rows], device=device)
 
 
 def _load_teacher(task: str) -> Classifier:
@@ -82,12 +83,12 @@ finetune = ce_objective  # CE on the gold train labels, exactly the teacher's ob
 
 
 def vanilla_kd(student: Classifier, teacher: Classifier, train: list[dict], sp: StudentParams) -> Objective:
-    t_logits = _teacher_logits(teacher, train)
+    t_logits = _teacher_logits(teacher, train).to(student.model.device)
 
     def loss(idx: list[int]) -> torch.Tensor:
         rows = [train[i] for i in idx]
         z = student.forward(rows)[0].logits
-        return L.kd_ce_loss(z, t_logits[idx], _labels(rows), sp.kd_alpha, sp.kd_temperature).total
+        return L.kd_ce_loss(z, t_logits[idx], _labels(rows, z.device), sp.kd_alpha, sp.kd_temperature).total
 
     return Objective(len(train), loss, student.predict_proba)
 
@@ -113,25 +114,29 @@ def scatter_tokens(parts: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.T
     return out
 
 
-def _teacher_batches(student: Classifier, rows: Sequence[dict]):
-    """``(rows, enc)`` chunks of ``rows`` tokenised by the student (the teacher reads the same ids)."""
+def _teacher_batches(student: Classifier, teacher: Classifier, rows: Sequence[dict]):
+    """``(rows, enc)`` chunks of ``rows`` tokenised by the student (the teacher reads the same ids), on
+    the teacher's device."""
     for i in range(0, len(rows), TEACHER_BATCH):
         chunk = rows[i:i + TEACHER_BATCH]
-        yield chunk, student.encode(chunk)
+        yield chunk, to_device(student.encode(chunk), teacher.model.device)
 
 
 def mgskd(student: Classifier, teacher: Classifier, train: list[dict], sp: StudentParams) -> Objective:
     """Teacher logits and matched hidden states are computed once (eval mode: a function of the
-    input only) and re-padded per batch; the unmatched teacher layers are never read (None)."""
+    input only), kept on the student's device and re-padded per batch; the unmatched teacher layers
+    are never read (None)."""
     check_same_tokenizer(student, teacher, train[:32], "mgskd")
     heads = math.gcd(MGSKD_MAX_HEADS, student.model.config.hidden_size, teacher.model.config.hidden_size)
     n_teacher = teacher.model.config.num_hidden_layers
     layers = [t for _, t in L.mgskd_layer_map(student.model.config.num_hidden_layers, n_teacher)]
     cache: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+    dev = student.model.device
     with torch.no_grad():
-        for _, enc in _teacher_batches(student, train):
+        for _, enc in _teacher_batches(student, teacher, train):
             out, real = teacher.model(**enc, output_hidden_states=True), enc["attention_mask"].bool()
-            cache += [(out.logits[b], [out.hidden_states[t][b, real[b]] for t in layers]) for b in range(len(real))]
+            cache += [(out.logits[b].to(dev), [out.hidden_states[t][b, real[b]].to(dev) for t in layers])
+                      for b in range(len(real))]
 
     def loss(idx: list[int]) -> torch.Tensor:
         rows = [train[i] for i in idx]
@@ -141,7 +146,7 @@ def mgskd(student: Classifier, teacher: Classifier, train: list[dict], sp: Stude
         for j, t in enumerate(layers):
             t_hidden[t] = scatter_tokens([cache[i][1][j] for i in idx], mask)
         t_logits = torch.stack([cache[i][0] for i in idx])
-        base = L.kd_ce_loss(s_out.logits, t_logits, _labels(rows), sp.kd_alpha, sp.kd_temperature)
+        base = L.kd_ce_loss(s_out.logits, t_logits, _labels(rows, mask.device), sp.kd_alpha, sp.kd_temperature)
         rel = L.mgskd_loss(s_out.hidden_states, t_hidden, mask, n_heads=heads,
                            w_sample=sp.mgskd_sample_weight, w_token=sp.mgskd_token_weight)
         return base.total + rel.total
@@ -154,8 +159,9 @@ def _embeddings_module(clf: Classifier) -> torch.nn.Module:
 
 
 def adkd(student: Classifier, teacher: Classifier, train: list[dict], sp: StudentParams) -> Objective:
-    """Teacher attributions are computed once per example: each is normalised over its own tokens,
-    so it does not depend on the batch it sits in (the 1/B of the batch mean cancels)."""
+    """Teacher attributions are computed once per example (and kept on the student's device): each is
+    normalised over its own tokens, so it does not depend on the batch it sits in (the 1/B of the
+    batch mean cancels)."""
     check_same_tokenizer(student, teacher, train[:32], "adkd")
     seen: dict[str, torch.Tensor] = {}
     views = (lambda y: None) if student.task.num_labels > 2 else (lambda y: y)  # multi-view when C > 2
@@ -166,21 +172,22 @@ def adkd(student: Classifier, teacher: Classifier, train: list[dict], sp: Studen
 
     hook = _embeddings_module(teacher).register_forward_hook(leaf)
     cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for rows, enc in _teacher_batches(student, train):
+    dev = student.model.device
+    for rows, enc in _teacher_batches(student, teacher, train):
         with torch.enable_grad():
             t_logits = teacher.model(**enc).logits
-        a_t = L.attribution(t_logits, seen["t"], enc["attention_mask"], labels=views(_labels(rows)),
+        a_t = L.attribution(t_logits, seen["t"], enc["attention_mask"], labels=views(_labels(rows, t_logits.device)),
                             top_k=sp.adkd_top_k)                                   # [B, V, T]
         real = enc["attention_mask"].bool()
-        cache += [(t_logits[b].detach(), a_t[b][:, real[b]].T) for b in range(len(rows))]
+        cache += [(t_logits[b].detach().to(dev), a_t[b][:, real[b]].T.to(dev)) for b in range(len(rows))]
     hook.remove()
     _embeddings_module(student).register_forward_hook(lambda _m, _i, out: seen.__setitem__("s", out))
 
     def loss(idx: list[int]) -> torch.Tensor:
         rows = [train[i] for i in idx]
-        y = _labels(rows)
         s_out, enc = student.forward(rows)
         mask = enc["attention_mask"]
+        y = _labels(rows, mask.device)
         a_s = L.attribution(s_out.logits, seen["s"], mask, labels=views(y), create_graph=True)
         a_t = scatter_tokens([cache[i][1] for i in idx], mask).transpose(1, 2)
         t_logits = torch.stack([cache[i][0] for i in idx])
@@ -195,6 +202,7 @@ def retrikt_kd(student: Classifier, teacher: Classifier, train: list[dict], entr
     rows_all = train + entries
     store_logits = torch.from_numpy(np.log(np.clip(store.soft_labels(entries), 1e-12, None)))
     targets = torch.cat([_teacher_logits(teacher, train), store_logits])  # softmax(·/T) = teacher's
+    targets = targets.to(student.model.device)
     n_train = len(train)
 
     def loss(idx: list[int]) -> torch.Tensor:
@@ -203,7 +211,7 @@ def retrikt_kd(student: Classifier, teacher: Classifier, train: list[dict], entr
         gold = [j for j, i in enumerate(idx) if i < n_train]
         if not gold:
             return sp.kd_alpha * kd
-        ce = F.cross_entropy(z[gold], _labels([rows_all[idx[j]] for j in gold]))
+        ce = F.cross_entropy(z[gold], _labels([rows_all[idx[j]] for j in gold], z.device))
         return sp.kd_alpha * kd + (1.0 - sp.kd_alpha) * ce
 
     return Objective(len(rows_all), loss, student.predict_proba)
@@ -255,11 +263,14 @@ class Retrieval:
         sp = params.student
         self.tau, self.top_k, self.ce_weight = sp.retrieval_tau, sp.retrieval_top_k, sp.retrieval_ce_weight
         self.soft = store.soft_labels(entries)
-        self.t_entries = torch.from_numpy(_reward_model_entry_embeddings(student.task.name, len(entries)))
+        t_entries = _reward_model_entry_embeddings(student.task.name, len(entries))
         t_queries = teacher.embed(train)
-        self.candidates = teacher_candidates(t_queries, self.t_entries.numpy(), sp.retrieval_candidates,
+        self.candidates = teacher_candidates(t_queries, t_entries, sp.retrieval_candidates,
                                              _identical_entries(student.task, train, entries))
-        self.t_queries = torch.from_numpy(t_queries)
+        # what the loss reads every step, moved once to the student's device
+        dev = student.model.device
+        self.t_entries, self.t_queries, self.t_soft = (torch.from_numpy(x).to(dev)
+                                                       for x in (t_entries, t_queries, self.soft))
         self.index = None
 
     def objective(self) -> Objective:
@@ -270,15 +281,14 @@ class Retrieval:
         union, pos = np.unique(cand, return_inverse=True)
         s_q = self.student.embed_tensor([self.train[i] for i in idx])
         s_u = self.student.embed_tensor([self.entries[u] for u in union])
-        s_c = s_u[torch.from_numpy(pos.reshape(cand.shape))]          # [B, K, H]
-        c = torch.from_numpy(cand)
+        s_c = s_u[torch.from_numpy(pos.reshape(cand.shape)).to(s_u.device)]  # [B, K, H]
+        c = torch.from_numpy(cand).to(s_q.device)
         loss = L.retrieval_kl_loss(self.t_queries[idx], self.t_entries[c], s_q, s_c, self.tau)
         if self.ce_weight > 0:
             sims = torch.einsum("bh,bkh->bk", s_q, s_c)
             top, at = sims.topk(min(self.top_k, sims.shape[1]), dim=1)
-            soft = torch.from_numpy(self.soft)[c.gather(1, at)]
-            p = L.retrieval_aggregate(top, soft, self.tau)
-            y = _labels([self.train[i] for i in idx])
+            p = L.retrieval_aggregate(top, self.t_soft[c.gather(1, at)], self.tau)
+            y = _labels([self.train[i] for i in idx], s_q.device)
             loss = loss + self.ce_weight * -p.gather(1, y[:, None]).clamp_min(1e-12).log().mean()
         return loss
 
@@ -307,10 +317,10 @@ def median_ms(fn: Callable[[object], object], items: Sequence[object]) -> float:
 
 
 def _forward_ms(student: Classifier, rows: Sequence[dict]) -> float:
-    """Batch-1 latency of the bare student forward (tokenisation excluded)."""
+    """Batch-1 latency of the bare student forward (tokenisation excluded; ``.cpu()`` waits for a GPU)."""
     encs = [student.encode([r]) for r in rows]
     with torch.no_grad():
-        return median_ms(lambda enc: student.model(**enc), encs)
+        return median_ms(lambda enc: student.model(**enc).logits.cpu(), encs)
 
 
 # --------------------------------------------------------------------------------- the stage --- #

@@ -326,7 +326,7 @@ class SoftPromptPPO:
             del logits, hidden
         rewards = kl_penalty_rewards(ro.logprobs, ro.ref_logprobs, mask, self.kl_ctl.value)
         last = (ro.r_mask.sum(1) - 1).clamp(min=0)
-        rewards[torch.arange(len(last)), last] += score
+        rewards[torch.arange(len(last), device=last.device), last] += score
         adv, returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             adv = masked_whiten(adv, mask)

@@ -73,7 +73,8 @@ def train_with_trl(
     ``conditions`` is the prompt pool (one dataset row each; trl samples ``num_generations``
     completions per drawn row). Each log has at least ``step`` and ``reward`` (+ ``kl`` when
     ``beta > 0``, ``entropy``, completion lengths, ... as trl reports them). A ``PeftModel`` is
-    trained in place. Sets ``tokenizer.pad_token`` to EOS when missing.
+    trained in place, on the CPU if it is there, else on ``cuda:0`` (the Trainer's choice). Sets
+    ``tokenizer.pad_token`` to EOS when missing.
     """
     from datasets import Dataset
     from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
@@ -95,6 +96,8 @@ def train_with_trl(
         max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16,
         disable_dropout=True, logging_steps=1, save_strategy="no", report_to=[],
         lr_scheduler_type="constant", warmup_steps=0,
+        # the Trainer moves the model to a visible GPU (cuda:0) unless told otherwise: train where it is
+        use_cpu=model_or_peft_model.device.type == "cpu",
     )
     # trl turns checkpointing on by default; transformers 5 renamed the flag
     names = {f.name for f in dataclasses.fields(Config)}

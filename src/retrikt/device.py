@@ -1,0 +1,52 @@
+"""The torch device every stage computes on (params ``device``), chosen once per process.
+
+The CLI calls :func:`set_device` right after validating params, so ``device: cuda`` on a machine
+without a GPU stops the stage with one line before any compute. Code that loads a model puts it on
+:func:`get_device`; code that feeds a model moves its inputs to *that model's* device, so library
+functions also work on a model a caller placed elsewhere. Without a call (tests, notebooks) the
+device is the CPU. FAISS always runs on the CPU (faiss-cpu): embeddings leave torch as numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Mapping
+
+import torch
+
+from retrikt.params import ParamsError
+
+log = logging.getLogger(__name__)
+_device = torch.device("cpu")
+
+
+def set_device(name: str) -> torch.device:
+    """Resolve ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` and use it."""
+    global _device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ParamsError(f"device: {name!r} requested, but torch sees no CUDA GPU "
+                              f"(torch {torch.__version__}); use device: auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ParamsError(f"device: {name!r} requested, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+        # seed_everything asks for deterministic kernels; cuBLAS needs this before its first call to comply
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        if device.index is not None:
+            torch.cuda.set_device(device)  # so that tensors made on plain "cuda" land on the same GPU
+    _device = device
+    log.info("device: %s", device)
+    return device
+
+
+def get_device() -> torch.device:
+    """The device of :func:`set_device` (the CPU if it was never called)."""
+    return _device
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A copy of a dict of tensors (a tokenizer's output) on ``device``; a no-op move where they are."""
+    return {k: v.to(device) for k, v in batch.items()}

@@ -1,0 +1,211 @@
+"""params ``device``: validated like every key, resolved once per stage, honoured by every model loader.
+
+There is no GPU on the development machine: placement is checked with torch's ``meta`` device (a
+model can be moved there, nothing computed), and the CUDA test at the end runs only where torch
+sees a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from retrikt import device
+from retrikt.classifier import Classifier, train_classifier
+from retrikt.generator import attach_prompt, nll, sample_full, source_text, target_text
+from retrikt.models import load_generator
+from retrikt.params import ParamsError, parse_params
+from retrikt.tasks import get_task
+
+from .conftest import REPO
+
+RAW = yaml.safe_load((REPO / "params.yaml").read_text())
+ROWS = [{"premise": "the cat sat on the mat .", "hypothesis": f"a cat is {w} .", "label": i % 3}
+        for i, w in enumerate(["yes", "no", "movie", "true", "false", "film"])]
+NO_CUDA = not torch.cuda.is_available()
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def _restore_device(monkeypatch):
+    """Every test leaves the process-wide device as it found it."""
+    monkeypatch.setattr(device, "_device", device.get_device())
+
+
+def _params(value):
+    return parse_params({**copy.deepcopy(RAW), "device": value})
+
+
+@pytest.mark.parametrize("value", ["auto", "cpu", "cuda", "cuda:0", "cuda:3"])
+def test_good_values(value):
+    assert _params(value).device == value
+
+
+@pytest.mark.parametrize("value,expect", [
+    ("gpu", "device: 'gpu' is not one of auto, cpu, cuda, cuda:N"),
+    ("cuda:", "device: 'cuda:' is not one of auto, cpu, cuda, cuda:N"),
+    ("CUDA", "device: 'CUDA' is not one of auto, cpu, cuda, cuda:N"),
+    ("cuda:x", "device: 'cuda:x' is not one of auto, cpu, cuda, cuda:N"),
+    (0, "device: expected a string, got 0"),
+])
+def test_bad_values_are_one_line(value, expect):
+    with pytest.raises(ParamsError) as e:
+        _params(value)
+    assert str(e.value) == expect
+
+
+def test_default_is_auto():
+    assert RAW["device"] == "auto"
+    raw = copy.deepcopy(RAW)
+    del raw["device"]
+    assert parse_params(raw).device == "auto"
+
+
+def test_never_set_means_cpu():
+    assert device.get_device() == torch.device("cpu")
+
+
+def test_auto_and_cpu_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device.set_device("auto") == torch.device("cpu") == device.get_device()
+    assert device.set_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["cuda", "cuda:1"])
+def test_cuda_without_cuda_is_a_clear_error(monkeypatch, name):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ParamsError) as e:
+        device.set_device(name)
+    msg = str(e.value)
+    assert msg.startswith(f"device: '{name}' requested, but torch sees no CUDA GPU") and "\n" not in msg
+    assert device.get_device() == torch.device("cpu")  # unchanged
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="needs a machine without CUDA")
+def test_stage_with_cuda_stops_before_compute(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({**RAW, "device": "cuda"}, sort_keys=False))
+    out = subprocess.run([sys.executable, "-m", "retrikt.cli", "prepare", "cb", "--params", str(params)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "retrikt: error: params: device: 'cuda' requested, but torch sees no CUDA GPU")
+    assert not (tmp_path / "data").exists()
+
+
+# ------------------------------------------------------------------------ placement (meta device)
+def test_loaders_put_models_on_the_chosen_device(monkeypatch, tmp_path, tiny_encoder_dir, tiny_causal_dir):
+    task = get_task("cb")
+    Classifier.from_base(tiny_encoder_dir, task, max_length=32).save(tmp_path / "clf")  # built on the CPU
+    monkeypatch.setattr(device, "_device", torch.device("meta"))
+    fresh = Classifier.from_base(tiny_encoder_dir, task, max_length=32, num_layers=2)
+    loaded = Classifier.load(tmp_path / "clf")
+    generator, _ = load_generator(tiny_causal_dir)
+    for model in (fresh.model, loaded.model, generator):
+        assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert {t.device.type for t in loaded.encode(ROWS).values()} == {"meta"}  # inputs follow the model
+
+
+def test_inputs_follow_the_model_not_the_chosen_device(monkeypatch, tiny_encoder_dir, tiny_causal_dir):
+    """A model a caller placed elsewhere (here: the CPU, while the chosen device is ``meta``) still works."""
+    task = get_task("cb")
+    clf = Classifier.from_base(tiny_encoder_dir, task, max_length=32)
+    model, tok = load_generator(tiny_causal_dir)
+    torch.manual_seed(0)
+    model = attach_prompt(model, 4, "random", "", tiny_causal_dir)
+    sources, targets = [source_text(task, r["label"]) for r in ROWS], [target_text(task, r) for r in ROWS]
+
+    def run() -> tuple:
+        proba = clf.predict_proba(ROWS)
+        loss = nll(model, tok, sources, targets, max_length=64, batch_size=4, seq2seq=False)
+        texts = sample_full(model, tok, sources[:3], max_new_tokens=5, temperature=1.0, top_p=0.9, batch_size=2,
+                            seed=0).texts
+        return proba.tolist(), loss, texts
+
+    on_cpu = run()
+    monkeypatch.setattr(device, "_device", torch.device("meta"))
+    assert run() == on_cpu
+
+
+def test_trl_trains_where_the_model_is(monkeypatch, tmp_path):
+    """trl's Trainer would move the model to a visible GPU by itself; a CPU model must stay there."""
+    import trl
+
+    from retrikt.rl.trl_algos import TrlConfig, train_with_trl
+
+    from .test_rl_ppo import CONDITIONS, good_fraction, tiny_causal_peft, tiny_tokenizer
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, args, **_):
+            seen["use_cpu"] = args.use_cpu
+            self.state = type("State", (), {"log_history": []})()
+
+        def train(self):
+            pass
+
+    monkeypatch.setattr(trl, "GRPOTrainer", Recorder)
+    tok = tiny_tokenizer()
+    train_with_trl("grpo", tiny_causal_peft(len(tok)), tok, CONDITIONS, good_fraction,
+                   TrlConfig(output_dir=str(tmp_path), max_steps=1, batch_size=4))
+    assert seen["use_cpu"] is True
+
+
+# ------------------------------------------------------------------------------------ on a GPU
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
+def test_train_and_sample_on_cuda(tiny_encoder_dir, tiny_causal_dir, tiny_seq2seq_dir):
+    from retrikt.rl.ppo import PPOConfig, SoftPromptPPO
+
+    from .test_rl_ppo import CONDITIONS, good_fraction, tiny_causal_peft, tiny_tokenizer
+
+    assert device.set_device("cuda").type == "cuda"
+    task = get_task("cb")
+    clf = Classifier.from_base(tiny_encoder_dir, task, max_length=32, num_layers=2)
+    assert clf.model.device.type == "cuda"
+    history = train_classifier(clf, ROWS, ROWS, epochs=2, lr=1e-3, batch_size=4, seed=0)
+    assert len(history) == 2 and clf.predict_proba(ROWS).shape == (len(ROWS), 3)
+    assert clf.embed(ROWS).shape[0] == len(ROWS)
+
+    sources = [source_text(task, r["label"]) for r in ROWS]
+    for folder, seq2seq in ((tiny_causal_dir, False), (tiny_seq2seq_dir, True)):
+        model, tok = load_generator(folder)
+        model = attach_prompt(model, 4, "random", "", folder)
+        assert model.get_prompt(1).device.type == "cuda"
+        assert nll(model, tok, sources, [target_text(task, r) for r in ROWS], 64, 4, seq2seq) > 0
+        runs = [sample_full(model, tok, sources, max_new_tokens=6, temperature=1.0, top_p=0.9, batch_size=4, seed=1)
+                for _ in range(2)]
+        assert len(runs[0].texts) == len(ROWS) and runs[0] == runs[1]  # seeded on the GPU too
+
+    tok = tiny_tokenizer()
+    cfg = PPOConfig(lr=0.1, batch_size=6, mini_batch_size=3, ppo_epochs=1, max_new_tokens=4, top_p=0.9, seed=0)
+    trainer = SoftPromptPPO(tiny_causal_peft(len(tok)).to(device.get_device()), tok, cfg, good_fraction)
+    stats = trainer.step(CONDITIONS * 2)
+    assert trainer.value_head.weight.device.type == "cuda" and stats["response_length"] > 0
+
+
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
+def test_every_student_method_and_trl_on_cuda(in_tmp_repo, monkeypatch, tiny_encoder_dir):
+    """The teacher, the index stage, every student method (cached teacher outputs, the retrieval
+    student) and trl's GRPO, all on the GPU."""
+    from retrikt.rl.trl_algos import TrlConfig, train_with_trl
+
+    from .test_rl_ppo import CONDITIONS, good_fraction, tiny_causal_peft, tiny_tokenizer
+    from .test_train_student import make_tiny_repo, run_student
+
+    monkeypatch.setenv("RETRIKT_MLFLOW", "0")
+    device.set_device("cuda")
+    params = make_tiny_repo(tiny_encoder_dir, epochs=2, retrieval_ce_weight=0.5)  # + the CE path
+    for method in ("finetune", "vanilla_kd", "mgskd", "adkd", "retrikt_kd", "retrikt"):
+        assert 0 <= run_student(params, method)["accuracy"] <= 1
+    tok = tiny_tokenizer()
+    model = tiny_causal_peft(len(tok)).to(device.get_device())
+    logs = train_with_trl("grpo", model, tok, CONDITIONS, good_fraction,
+                          TrlConfig(output_dir=str(in_tmp_repo / "trl"), max_steps=2, batch_size=8, max_new_tokens=4))
+    assert len(logs) == 2 and model.prompt_encoder["default"].embedding.weight.device.type == "cuda"
