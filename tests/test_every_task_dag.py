@@ -116,6 +116,13 @@ def _stages_in_order(proj: Path) -> list:
         return list(nx.dfs_postorder_nodes(repo.index.graph))
 
 
+def _split_env(cmd: str) -> tuple[dict[str, str], list[str]]:
+    """``NAME=value ... program args`` -> ({NAME: value}, [program, args...])."""
+    words = shlex.split(cmd)
+    n = next(i for i, w in enumerate(words) if "=" not in w)
+    return dict(w.split("=", 1) for w in words[:n]), words[n:]
+
+
 @pytest.mark.parametrize("task_name", sorted(TASKS))
 def test_task_runs_through_the_whole_dag(task_name, tmp_path, tiny_causal_dir, tiny_encoder_dir, monkeypatch):
     from typer.testing import CliRunner
@@ -136,8 +143,8 @@ def test_task_runs_through_the_whole_dag(task_name, tmp_path, tiny_causal_dir, t
     for stage in stages:
         missing = [str(d.def_path) for d in stage.deps if not getattr(d, "params", None) and not Path(d.def_path).exists()]
         assert not missing, f"{stage.addressing}: declared dependencies missing before it runs: {missing}"
-        argv = shlex.split(stage.cmd)
-        assert argv[0] == "retrikt"
+        env, argv = _split_env(stage.cmd)
+        assert env == {"PYTHONPATH": "src"} and argv[0] == "retrikt", stage.cmd  # this checkout's code
         result = runner.invoke(app, argv[1:])
         assert result.exit_code == 0, f"{stage.addressing}: `{stage.cmd}` exit {result.exit_code}\n{result.output}" \
                                       f"\n{result.exception!r}"

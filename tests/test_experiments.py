@@ -74,6 +74,13 @@ def _make_repo(root: Path, encoder_dir: Path) -> Path:
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / rel, repo / rel)
     shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    # a mark only this copy's code leaves: queued experiments must run the code they were queued with,
+    # not the package the virtualenv's editable install points at
+    teacher_py = repo / "src" / "retrikt" / "teacher.py"
+    code = teacher_py.read_text()
+    assert 'out = {**metrics, "parameters": n_params}' in code
+    teacher_py.write_text(code.replace('out = {**metrics, "parameters": n_params}',
+                                       'out = {**metrics, "parameters": n_params, "code_of_this_copy": 1}'))
     mirror = root / "mirror" / "cb"
     mirror.mkdir(parents=True)
     (mirror / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in learnable_rows(24)))
@@ -131,3 +138,4 @@ def test_queued_grid_lands_in_dvc_and_mlflow(tmp_path, tiny_encoder_dir, mlflow_
     assert set(names) <= set(by_exp), by_exp.keys()
     for name in names:
         assert 0.0 <= by_exp[name]["accuracy"] <= 1.0
+        assert by_exp[name]["code_of_this_copy"] == 1.0  # the experiment ran its own src/, not ours
