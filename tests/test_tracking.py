@@ -7,7 +7,8 @@ import warnings
 import pytest
 
 from retrikt.io import read_json
-from retrikt.tracking import StageRun, main_repo_root, timings_path
+from retrikt.paths import main_repo_root
+from retrikt.tracking import StageRun, timings_path
 
 
 @pytest.fixture
@@ -73,6 +74,19 @@ def test_queued_experiment_copies_track_into_the_main_repo(tmp_path):
     tmp_copy.mkdir(parents=True)
     assert main_repo_root(tmp_copy) == (tmp_path / "repo").resolve()
     assert main_repo_root(tmp_path) == tmp_path.resolve()
+
+
+def test_relative_params_folders_resolve_from_the_main_checkout(tmp_path, monkeypatch):
+    from retrikt.paths import user_path
+
+    tmp_copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "run" / "abc123"
+    tmp_copy.mkdir(parents=True)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(tmp_copy)  # where DVC runs a queued experiment's stages
+    assert user_path("../shared/data/glue") == (tmp_path / "shared" / "data" / "glue").resolve()
+    assert user_path(tmp_path / "abs") == tmp_path / "abs"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert user_path("~/m") == tmp_path / "home" / "m"
 
 
 def test_timings_live_beside_metrics_in_their_own_tree():

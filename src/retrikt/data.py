@@ -27,9 +27,9 @@ SPLITS = ("train", "validation")
 def data_dir(params: Params) -> Path | None:
     """The mirror folder to read, or None for the hub."""
     if params.data.mirror_dir:
-        return Path(params.data.mirror_dir).expanduser()
+        return paths.user_path(params.data.mirror_dir)
     env = os.environ.get("RETRIKT_DATA_DIR")
-    return Path(env).expanduser() if env else None
+    return paths.user_path(env) if env else None
 
 
 def load_split(task: Task, split: str, mirror: Path | None) -> list[dict]:

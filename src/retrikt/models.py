@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from retrikt.io import atomic_dir, atomic_write_json, read_json
+from retrikt.paths import user_path
 from retrikt.params import ModelSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -93,7 +94,7 @@ def _load_source(spec: ModelSpec):
             raise ModelResolutionError(f"{src}: sha256 {digest} does not match params ({spec.sha256})")
         origin = {"package": spec.package, "version": spec.version, "file": spec.file, "sha256": digest}
     elif spec.source == "local":
-        src = Path(spec.path).expanduser()
+        src = user_path(spec.path)
         if not src.exists():
             raise ModelResolutionError(f"{src}: no such model file or folder")
         origin = {"path": str(src)}

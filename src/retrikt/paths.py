@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PROCESSED = Path("data/processed")
@@ -60,3 +61,21 @@ def plot(task: str, name: str) -> Path:
 def predictions(task: str, name: str) -> Path:
     """Per-example validation predictions of a model (teacher, a student): evaluate's paired tests read them."""
     return REPORTS / "predictions" / task / f"{name}.json"
+
+
+def main_repo_root(start: str | os.PathLike | None = None) -> Path:
+    """The main checkout: DVC_ROOT or cwd, with a ``.dvc/tmp/exps/<tmp>`` temp-copy suffix removed."""
+    here = Path(start or os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return here
+
+
+def user_path(path: str | os.PathLike) -> Path:
+    """A folder named in params (data mirror, local model): ``~`` expanded, and a relative path taken
+    from the main checkout, so a queued experiment's temporary copy under ``.dvc/tmp/exps/`` finds the
+    same folder as a foreground run (``../shared/data/glue`` would otherwise point inside ``.dvc/``)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (main_repo_root() / p).resolve()

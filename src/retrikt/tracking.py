@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from retrikt.io import atomic_write_json
+from retrikt.paths import main_repo_root
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "retrikt"
@@ -51,16 +52,6 @@ def timings_path(metrics_path: str | os.PathLike) -> Path:
 def disable_telemetry() -> None:
     for k, v in TELEMETRY_ENV.items():
         os.environ.setdefault(k, v)
-
-
-def main_repo_root(start: str | os.PathLike | None = None) -> Path:
-    """The main checkout: DVC_ROOT or cwd, with a ``.dvc/tmp/exps/<tmp>`` temp-copy suffix removed."""
-    here = Path(start or os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
-    parts = here.parts
-    for i in range(len(parts) - 3):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return here
 
 
 def tracking_uri() -> str:
