@@ -115,6 +115,30 @@ def make_tiny_seq2seq(path: Path) -> Path:
     return path
 
 
+def fit_tiny_generator(base: Path, task, rows: list[dict], out: Path, max_length: int, steps: int) -> Path:
+    """A copy of a tiny causal LM fitted (all weights, seconds) to write ``rows`` of ``task`` after
+    each row's label condition, so its samples parse; saved to ``out``."""
+    import torch
+
+    from retrikt.generator import source_text, target_text, token_nll, tokenize_for_training
+    from retrikt.models import load_generator
+
+    torch.manual_seed(0)
+    model, tok = load_generator(base)
+    model.requires_grad_(True)
+    batch = tokenize_for_training(tok, [source_text(task, r["label"]) for r in rows],
+                                  [target_text(task, r) for r in rows], max_length, seq2seq=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss, n = token_nll(model, batch, seq2seq=False)
+        opt.zero_grad()
+        (loss / n).backward()
+        opt.step()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory) -> Path:
     return make_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))

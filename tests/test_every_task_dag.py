@@ -22,15 +22,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from retrikt.generator import source_text, target_text, token_nll, tokenize_for_training
 from retrikt.io import read_json, read_jsonl
-from retrikt.models import load_generator
 from retrikt.tasks import TASKS, get_task
 
-from .conftest import FIXTURES, MIRROR, REPO
+from .conftest import FIXTURES, MIRROR, REPO, fit_tiny_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: ~6 s a task
 
@@ -59,24 +56,6 @@ def _rows(task_name: str) -> tuple[list[dict], list[dict], list[dict]]:
         gen += [r for r in pool if r["label"] == label][:2]
     rest = [r for r in pool if r not in gen]
     return rest[:12], head("validation", 200)[:6], gen
-
-
-def _fit_generator(task_name: str, rows: list[dict], base: Path, out: Path) -> Path:
-    task = get_task(task_name)
-    torch.manual_seed(0)
-    model, tok = load_generator(base)
-    model.requires_grad_(True)
-    batch = tokenize_for_training(tok, [source_text(task, r["label"]) for r in rows],
-                                  [target_text(task, r) for r in rows], 192, seq2seq=False)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(120):
-        loss, n = token_nll(model, batch, seq2seq=False)
-        opt.zero_grad()
-        (loss / n).backward()
-        opt.step()
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def _project(root: Path, task_name: str, generator: Path, encoder: Path) -> Path:
@@ -130,7 +109,7 @@ def test_task_runs_through_the_whole_dag(task_name, tmp_path, tiny_causal_dir, t
     from retrikt.cli import app
 
     _, _, gen_rows = _rows(task_name)
-    generator = _fit_generator(task_name, gen_rows, tiny_causal_dir, tmp_path / "generator")
+    generator = fit_tiny_generator(tiny_causal_dir, get_task(task_name), gen_rows, tmp_path / "generator", 192, 120)
     proj = _project(tmp_path, task_name, generator, tiny_encoder_dir)
     stages = _stages_in_order(proj)
     monkeypatch.chdir(proj)

@@ -14,11 +14,12 @@ import torch
 import retrikt.generate as gen_mod
 from retrikt import paths
 from retrikt.generate import GenerationError, dedupe, draw_labels, generate, jaccard, label_prior, word_ngrams
-from retrikt.generator import Samples, attach_prompt, source_text, target_text, token_nll, tokenize_for_training
+from retrikt.generator import Samples, attach_prompt, source_text, target_text
 from retrikt.io import read_json, read_jsonl
 from retrikt.models import load_generator
 from retrikt.tasks import get_task
 
+from .conftest import fit_tiny_generator
 from .test_prompt_tune import TRAIN, VALIDATION, lay_out_repo, make_params, stage_run
 
 CB = get_task("cb")
@@ -189,20 +190,7 @@ def fitted_generator(tiny_causal_dir, tmp_path_factory):
     """The tiny causal LM fitted (all weights, a few seconds) to write GEN_ROWS, so samples parse."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # module-scoped: set up before the autouse fixture runs
-    torch.manual_seed(0)
-    model, tok = load_generator(tiny_causal_dir)
-    model.requires_grad_(True)
-    batch = tokenize_for_training(tok, [source_text(CB, r["label"]) for r in GEN_ROWS],
-                                  [target_text(CB, r) for r in GEN_ROWS], 96, seq2seq=False)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(100):
-        loss, n = token_nll(model, batch, seq2seq=False)
-        opt.zero_grad()
-        (loss / n).backward()
-        opt.step()
-    out = tmp_path_factory.mktemp("fitted-generator")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    out = fit_tiny_generator(tiny_causal_dir, CB, GEN_ROWS, tmp_path_factory.mktemp("fitted-generator"), 96, 100)
     torch.set_num_threads(threads)
     return out
 
