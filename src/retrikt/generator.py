@@ -15,11 +15,8 @@ e.g. a BOS for some models, ``</s>`` for T5 encoders), the target without them, 
 Source and target are tokenised separately, so the training tokens are exactly what sampling sees.
 
 Padding: training batches (and :func:`nll`) are right-padded, so every real token keeps the
-position it has when the prompt is followed directly by the text; causal *sampling* is left-padded
-(decoder-only batch generation) with position ids from the attention mask, which again numbers the
-virtual tokens ``0..V-1`` and the text from ``V`` on, skipping the pads (as ``rl/ppo.py`` does).
-Sampling feeds ``[prompt; embedded source]`` to the base model's ``generate`` as ``inputs_embeds``
-(rather than ``PeftModel.generate``, which drops position ids for prompt tuning).
+position it has when the prompt is followed directly by the text. Sampling (:mod:`retrikt.sampling`)
+numbers the virtual tokens ``0..V-1`` and the text from ``V`` on too, with no padding at all.
 """
 
 from __future__ import annotations
@@ -176,47 +173,24 @@ class Samples:
 
 
 def sample(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperature: float, top_p: float,
-           batch_size: int, seed: int) -> list[str]:
+           batch_size: int, seed: int, dtype: str = "float32") -> list[str]:
     """One sampled continuation per source (see :func:`sample_full`), decoded text only."""
     return sample_full(model, tok, sources, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       batch_size=batch_size, seed=seed).texts
+                       batch_size=batch_size, seed=seed, dtype=dtype).texts
 
 
-@torch.no_grad()
 def sample_full(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperature: float, top_p: float,
-                batch_size: int, seed: int) -> Samples:
-    """One sampled continuation per source (temperature + nucleus sampling, no top-k).
+                batch_size: int, seed: int, dtype: str = "float32", on_done=None) -> Samples:
+    """One sampled continuation per source: temperature + nucleus sampling (no top-k), decoded.
 
-    ``model`` is a PEFT prompt-tuning model (or a bare generator); inputs go to its device.
-    Deterministic for a given seed, batch size, source order and device (a GPU draws other samples
-    than the CPU): ``torch.manual_seed(seed + batch_no)`` before each batch. Texts
-    stop at the first EOS; special tokens are stripped.
+    ``model`` is a PEFT prompt-tuning model (or a bare generator). ``batch_size`` is the number of
+    decode slots and ``dtype`` the compute dtype of :func:`retrikt.sampling.draw_samples`: the text of
+    sample ``i`` is a function of ``seed``, ``i`` and its source (not of the batch size), for a given
+    device and dtype. Texts stop at the first EOS; special tokens are stripped.
     """
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    seq2seq = bool(getattr(base.config, "is_encoder_decoder", False))
-    eos, pad = _eos_id(tok), tok.pad_token_id if tok.pad_token_id is not None else _eos_id(tok)
-    config = base.generation_config.__class__.from_dict({
-        **base.generation_config.to_dict(), "do_sample": True, "temperature": temperature, "top_p": top_p,
-        "top_k": 0, "max_new_tokens": max_new_tokens, "max_length": None, "eos_token_id": eos,
-        "pad_token_id": pad, "num_beams": 1, "num_return_sequences": 1})
-    out = Samples([], [], 0)
-    with _eval_mode(model):
-        for batch_no, i in enumerate(range(0, len(sources), batch_size)):
-            chunk = list(sources[i:i + batch_size])
-            enc = tok(chunk, padding=True, padding_side="right" if seq2seq else "left", return_tensors="pt")
-            enc = to_device(enc, base.device)
-            embeds, mask = base.get_input_embeddings()(enc["input_ids"]), enc["attention_mask"]
-            if isinstance(model, PeftModel):
-                prompt = model.get_prompt(batch_size=len(chunk))[:, :_num_virtual(model)].to(embeds.dtype)
-                embeds = torch.cat([prompt, embeds], dim=1)
-                mask = torch.cat([mask.new_ones(len(chunk), prompt.shape[1]), mask], dim=1)
-            torch.manual_seed(seed + batch_no)  # on a GPU this also seeds the CUDA generator generate() draws from
-            ids = base.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
-            for row in ids.tolist():
-                row = row[1:] if seq2seq else row  # seq2seq output starts with the decoder start token
-                done = eos in row
-                row = row[:row.index(eos)] if done else row
-                out.texts.append(tok.decode(row, skip_special_tokens=True).strip())
-                out.finished.append(done)
-                out.tokens += len(row) + done
-    return out
+    from retrikt.sampling import draw_samples
+
+    drawn = draw_samples(model, tok, sources, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         seed=seed, slots=batch_size, dtype=dtype, on_done=on_done)
+    return Samples([tok.decode(d.ids, skip_special_tokens=True).strip() for d in drawn],
+                   [d.finished for d in drawn], sum(len(d.ids) + d.finished for d in drawn))

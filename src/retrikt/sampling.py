@@ -1,0 +1,403 @@
+"""Fast, seeded sampling from a (soft-prompted) generator: our own decode loop with slot refill.
+
+Why our own loop: on a 2-core CPU, ``transformers.generate`` on SmolLM2-135M spends as much time in
+Python/kernel overhead and in the full-vocabulary top-p sort as in the model itself, and a padded
+batch keeps computing for rows that have already ended. Here:
+
+* **Weights in the compute dtype** (``bfloat16`` by default: AVX-512 bf16 / AMX run it natively;
+  autocast would re-cast the frozen weights every step), Q/K/V and gate/up fused into one matmul each.
+* **Grouped-query attention without repeating K/V**: the cache holds the KV heads only.
+* **A preallocated KV cache with slot refill**: a fixed number of slots each decode one sample;
+  a slot whose sample ended (EOS or ``max_new_tokens``) takes the next pending sample at once. The
+  pending sample's prefix (``[soft prompt; source]``) is computed once per distinct source text
+  and copied in, so a refill costs no forward pass.
+* **Nucleus sampling without a full sort**: the top ``prefilter`` logits are taken with ``topk``
+  and the softmax normaliser with ``logsumexp``; when the nucleus fits inside them (almost always)
+  this is exactly top-p; rows where it does not fall back to a full sort.
+* **Per-sample random streams**: sample ``i`` draws its token at step ``t`` by inverse CDF from
+  the uniform ``u(seed, i, t)`` of a counter-based hash (splitmix64). What a sample writes depends
+  on the seed, its index and its source only — not on the batch size, the slot it lands in or the
+  samples around it (up to float rounding of differently-shaped kernels).
+
+Positions: the virtual tokens are numbered ``0..V-1`` and the source text follows from ``V`` on
+(as in training, :mod:`retrikt.generator`). The fast path covers Llama-family causal LMs
+(``model_type`` in :data:`FAST_MODEL_TYPES`); any other causal or seq2seq generator uses
+:func:`_generic_loop`, the same sampling rule over the model's own forward with its KV cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+FAST_MODEL_TYPES = ("llama",)
+PREFILTER = 256  # top-k candidates searched for the nucleus before a wider search
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_MASK64 = (1 << 64) - 1
+
+
+# ------------------------------------------------------------------------------------ randomness
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(_MASK64)
+    x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & np.uint64(_MASK64)
+    x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & np.uint64(_MASK64)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seed: int, sample_ids: Sequence[int], step: Sequence[int] | int) -> np.ndarray:
+    """``u(seed, i, t)`` in [0, 1) for each sample id (and step): a pure function of its arguments."""
+    with np.errstate(over="ignore"):
+        ids = np.asarray(sample_ids, dtype=np.uint64)
+        steps = np.broadcast_to(np.asarray(step, dtype=np.uint64), ids.shape)
+        x = _splitmix64(np.uint64(seed & _MASK64) ^ _splitmix64(ids * np.uint64(0x100000001B3) + steps))
+        x = _splitmix64(x ^ steps)
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def nucleus_draw(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float,
+                 prefilter: int = 256) -> torch.Tensor:
+    """One token per row of ``logits [B, V]``: softmax(logits / temperature), top-p, inverse CDF at ``u [B]``.
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches ``top_p`` (the token that
+    crosses it included, as ``transformers``' TopPLogitsWarper keeps it). It is looked for among the top
+    ``prefilter`` probabilities, then the top ``16 × prefilter`` for rows where it is wider, and only then
+    by a full sort: exact top-p at a fraction of the sort's cost. ``top_p >= 1`` samples the whole
+    distribution (in token-id order, no sort at all).
+    """
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        cum = probs.cumsum(-1)
+        j = (cum <= (u.to(cum.dtype) * cum[:, -1]).unsqueeze(-1)).sum(-1).clamp(max=probs.shape[-1] - 1)
+        return j
+    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    rows = torch.arange(probs.shape[0], device=probs.device)
+    for k in (prefilter, 16 * prefilter, probs.shape[-1]):
+        k = min(k, probs.shape[-1])
+        if k == probs.shape[-1]:
+            p, idx = probs[rows].sort(dim=-1, descending=True, stable=True)
+        else:
+            p, idx = probs[rows].topk(k, dim=-1)
+        cum = p.cumsum(-1)
+        fits = cum[:, -1] >= top_p if k < probs.shape[-1] else torch.ones_like(cum[:, -1], dtype=torch.bool)
+        if bool(fits.any()):
+            out[rows[fits]] = _inverse_cdf(p[fits], cum[fits], idx[fits], u[rows[fits]], top_p)
+        rows = rows[~fits]
+        if not len(rows):
+            break
+    return out
+
+
+def _inverse_cdf(p: torch.Tensor, cum: torch.Tensor, idx: torch.Tensor, u: torch.Tensor,
+                 top_p: float) -> torch.Tensor:
+    keep = (cum - p) < top_p                                        # nucleus, crossing token included
+    p = p * keep
+    c = p.cumsum(-1)
+    target = (u.to(c.dtype) * c[:, -1]).unsqueeze(-1)
+    j = (c <= target).sum(-1).clamp(max=keep.sum(-1) - 1)
+    return idx.gather(1, j.unsqueeze(-1)).squeeze(-1)
+
+
+# ------------------------------------------------------------------------------------ results
+@dataclass
+class Drawn:
+    """One sample: generated token ids (EOS excluded) and whether it ended with EOS."""
+
+    ids: list[int] = field(default_factory=list)
+    finished: bool = False
+
+
+# ------------------------------------------------------------------------------------ fast path
+class LlamaDecoder:
+    """Our own forward of a Llama-family causal LM over a preallocated, per-slot KV cache."""
+
+    def __init__(self, model, dtype: torch.dtype, slots: int, max_len: int):
+        cfg = model.config
+        core = model.model
+        self.dtype, self.slots, self.max_len = dtype, slots, max_len
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        dev = model.device
+        self.device = dev
+
+        def w(lin) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return lin.weight.detach().to(dtype), (None if lin.bias is None else lin.bias.detach().to(dtype))
+
+        def cat(*lins) -> tuple[torch.Tensor, torch.Tensor | None]:
+            ws = [w(lin) for lin in lins]
+            bias = None if any(b is None for _, b in ws) else torch.cat([b for _, b in ws])
+            return torch.cat([x for x, _ in ws]).contiguous(), bias
+
+        self.layers = []
+        for layer in core.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append({
+                "ln1": layer.input_layernorm.weight.detach().to(dtype),
+                "ln2": layer.post_attention_layernorm.weight.detach().to(dtype),
+                "qkv": cat(a.q_proj, a.k_proj, a.v_proj), "o": w(a.o_proj),
+                "gu": cat(m.gate_proj, m.up_proj), "down": w(m.down_proj),
+            })
+        self.norm = core.norm.weight.detach().to(dtype)
+        self.lm_head = w(model.get_output_embeddings())
+        self.embed_w = model.get_input_embeddings().weight.detach()
+        pos = torch.arange(max_len, device=dev)[None]
+        probe = torch.zeros(1, dtype=torch.float32, device=dev)
+        cos, sin = core.rotary_emb(probe, pos)                     # [1, L, D] in float32
+        self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)
+        shape = (len(self.layers), slots, self.n_kv, max_len, self.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=dev)
+        self.v = torch.zeros(shape, dtype=dtype, device=dev)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.inter = self.layers[0]["gu"][0].shape[0] // 2
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.dtype)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rot * sin
+
+    def prefill(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """Run ``x [T, H]`` (a prefix) into slot ``slot`` at positions ``0..T-1``; float logits of its last
+        position ``[V]``."""
+        t = x.shape[0]
+        h = x.to(self.dtype)[None]
+        cos, sin = self.cos[:t], self.sin[:t]
+        nq, nk, d = self.n_heads, self.n_kv, self.head_dim
+        for li, lw in enumerate(self.layers):
+            qkv = F.linear(self._rms(h, lw["ln1"]), *lw["qkv"]).view(1, t, nq + 2 * nk, d).transpose(1, 2)
+            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            self.k[li][slot, :, :t], self.v[li][slot, :, :t] = k[0], v[0]
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=nq != nk)
+            h = h + F.linear(att.transpose(1, 2).reshape(1, t, nq * d), *lw["o"])
+            g, u = F.linear(self._rms(h, lw["ln2"]), *lw["gu"]).split(self.inter, dim=-1)
+            h = h + F.linear(F.silu(g) * u, *lw["down"])
+        return F.linear(self._rms(h[0, -1], self.norm), *self.lm_head).float()
+
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One decode step for slots ``0..m-1``: token ``tokens[b]`` at position ``pos[b]``; float logits ``[m, V]``.
+
+        Attention reads each slot's cache rows ``0..pos[b]`` (grouped-query, K/V heads not repeated)."""
+        m = tokens.shape[0]
+        span = int(pos.max()) + 1
+        h = self.embed(tokens).to(self.dtype)                                  # [m, H]
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]             # [m, 1, D]
+        keys = torch.arange(span, device=self.device)
+        bias = torch.zeros(m, 1, 1, span, device=self.device).masked_fill(keys > pos[:, None, None, None],
+                                                                          float("-inf"))
+        nq, nk, d = self.n_heads, self.n_kv, self.head_dim
+        rows = torch.arange(m, device=self.device)
+        for li, lw in enumerate(self.layers):
+            qkv = F.linear(self._rms(h, lw["ln1"]), *lw["qkv"]).view(m, nq + 2 * nk, d)
+            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            kc, vc = self.k[li], self.v[li]
+            kc[rows, :, pos], vc[rows, :, pos] = k, v
+            scores = torch.matmul(q.reshape(m, nk, nq // nk, d), kc[:m, :, :span].transpose(-1, -2))
+            weights = (scores.float() * self.scale + bias).softmax(-1).to(self.dtype)
+            att = torch.matmul(weights, vc[:m, :, :span]).reshape(m, nq * d)
+            h = h + F.linear(att, *lw["o"])
+            g, u = F.linear(self._rms(h, lw["ln2"]), *lw["gu"]).split(self.inter, dim=-1)
+            h = h + F.linear(F.silu(g) * u, *lw["down"])
+        return F.linear(self._rms(h, self.norm), *self.lm_head).float()
+
+    def move(self, src: int, dst: int, n: int) -> None:
+        """Copy slot ``src``'s first ``n`` cache rows to slot ``dst``."""
+        for kc, vc in zip(self.k, self.v):
+            kc[dst, :, :n], vc[dst, :, :n] = kc[src, :, :n], vc[src, :, :n]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed_w)
+
+
+def _prefix_embeds(model, tok, source: str) -> torch.Tensor:
+    """``[soft prompt; embedded source]`` as ``[P, H]`` float (the soft prompt only for PEFT models)."""
+    from peft import PeftModel
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    ids = torch.tensor(tok(source)["input_ids"], dtype=torch.long, device=base.device)
+    emb = base.get_input_embeddings()(ids)
+    if isinstance(model, PeftModel):
+        n_virtual = int(model.active_peft_config.num_virtual_tokens)
+        prompt = model.get_prompt(batch_size=1)[0, :n_virtual].to(emb.dtype)
+        emb = torch.cat([prompt, emb], dim=0)
+    return emb.detach()
+
+
+def _fast_loop(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperature: float, top_p: float,
+               seed: int, slots: int, dtype: torch.dtype, eos: int, prefilter: int,
+               on_done: Callable[[int], None] | None) -> list[Drawn]:
+    """Slot refill over :class:`LlamaDecoder`: the active samples always sit in slots ``0..m-1``."""
+    from peft import PeftModel
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    prefixes = {s: _prefix_embeds(model, tok, s) for s in dict.fromkeys(sources)}
+    p_max = max(e.shape[0] for e in prefixes.values())
+    slots = max(1, min(slots, len(sources)))
+    dec = LlamaDecoder(base, dtype, slots, p_max + max_new_tokens)
+    dev = dec.device
+    n_layers = len(dec.layers)
+
+    # each distinct prefix once: its K/V, kept aside, and the logits of the first new token
+    stash: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = {}
+    for s, emb in prefixes.items():
+        first = dec.prefill(emb, 0)
+        n = emb.shape[0]
+        stash[s] = ([dec.k[li][0, :, :n].clone() for li in range(n_layers)],
+                    [dec.v[li][0, :, :n].clone() for li in range(n_layers)], first)
+
+    out = [Drawn() for _ in sources]
+    pending = iter(range(len(sources)))
+    sample: list[int] = []   # the sample in slot b; slots 0..m-1 are the active ones
+    length: list[int] = []   # cache rows filled in slot b = the position of its next input token
+    steps: list[int] = []    # tokens drawn so far by slot b's sample
+    logits = torch.zeros(slots, dec.lm_head[0].shape[0], device=dev)
+
+    def draw(rows: slice, ids: list[int], at: list[int]) -> list[int]:
+        u = torch.from_numpy(uniforms(seed, ids, at)).to(dev)
+        return nucleus_draw(logits[rows], u, temperature, top_p, prefilter).tolist()
+
+    def load(b: int) -> bool:
+        """The next pending sample into slot b: prefix K/V and first-token logits from the stash."""
+        i = next(pending, -1)
+        if i < 0:
+            return False
+        ks, vs, first = stash[sources[i]]
+        n = ks[0].shape[1]
+        for li in range(n_layers):
+            dec.k[li][b, :, :n], dec.v[li][b, :, :n] = ks[li], vs[li]
+        if b == len(sample):
+            sample.append(i), length.append(n), steps.append(0)
+        else:
+            sample[b], length[b], steps[b] = i, n, 0
+        logits[b] = first
+        return True
+
+    while len(sample) < slots and load(len(sample)):
+        pass
+    while sample:
+        tokens = draw(slice(0, len(sample)), sample, steps)
+        b = 0
+        while b < len(sample):          # settle every slot: each ends with a token to feed, or is removed
+            i, t = sample[b], tokens[b]
+            steps[b] += 1
+            if t == eos:
+                out[i].finished = True
+            else:
+                out[i].ids.append(t)
+            if t != eos and steps[b] < max_new_tokens:
+                b += 1
+                continue
+            if on_done:
+                on_done(i)
+            if load(b):                 # refilled: its first token comes from the stash logits
+                tokens[b] = draw(slice(b, b + 1), [sample[b]], [0])[0]
+                continue
+            last = len(sample) - 1      # nothing pending: the last slot (not settled yet) moves here
+            if last != b:
+                dec.move(last, b, length[last])
+                sample[b], length[b], steps[b], tokens[b] = sample[last], length[last], steps[last], tokens[last]
+            sample.pop(), length.pop(), steps.pop(), tokens.pop()
+        if not sample:
+            break
+        m = len(sample)
+        logits[:m] = dec.step(torch.tensor(tokens, dtype=torch.long, device=dev),
+                              torch.tensor(length, dtype=torch.long, device=dev))
+        length = [n + 1 for n in length]
+    return out
+
+
+# ------------------------------------------------------------------------------------ generic path
+def _generic_loop(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperature: float, top_p: float,
+                  seed: int, slots: int, eos: int, pad: int,
+                  on_done: Callable[[int], None] | None) -> list[Drawn]:
+    """Batches of ``slots`` samples through the model's own forward and KV cache (no refill)."""
+    from peft import PeftModel
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    seq2seq = bool(getattr(base.config, "is_encoder_decoder", False))
+    dev = base.device
+    out = [Drawn() for _ in sources]
+    for start in range(0, len(sources), slots):
+        chunk = list(range(start, min(start + slots, len(sources))))
+        embs = [_prefix_embeds(model, tok, sources[i]) for i in chunk]
+        width = max(e.shape[0] for e in embs)
+        b, hdim = len(chunk), embs[0].shape[1]
+        x = torch.zeros(b, width, hdim, dtype=embs[0].dtype, device=dev)
+        mask = torch.zeros(b, width, dtype=torch.long, device=dev)
+        for r, e in enumerate(embs):  # causal: left-pad; seq2seq encoder: right-pad
+            sl = slice(0, e.shape[0]) if seq2seq else slice(width - e.shape[0], width)
+            x[r, sl], mask[r, sl] = e, 1
+        if seq2seq:
+            enc = base.get_encoder()(inputs_embeds=x, attention_mask=mask)
+            start_id = base.config.decoder_start_token_id
+            start_id = pad if start_id is None else start_id
+            kw = {"encoder_outputs": enc, "attention_mask": mask,
+                  "decoder_input_ids": torch.full((b, 1), start_id, dtype=torch.long, device=dev)}
+        else:
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            kw = {"inputs_embeds": x, "attention_mask": mask, "position_ids": pos}
+        cache, done = None, [False] * b
+        for step in range(max_new_tokens):
+            res = base(**kw, past_key_values=cache, use_cache=True)
+            cache = res.past_key_values
+            u = torch.from_numpy(uniforms(seed, chunk, step)).to(dev)
+            toks = nucleus_draw(res.logits[:, -1], u, temperature, top_p, PREFILTER).tolist()
+            for r, t in enumerate(toks):
+                if done[r]:
+                    continue
+                if t == eos:
+                    out[chunk[r]].finished, done[r] = True, True
+                else:
+                    out[chunk[r]].ids.append(t)
+                if (done[r] or step + 1 == max_new_tokens) and on_done:
+                    on_done(chunk[r])
+            if all(done):
+                break
+            nxt = torch.tensor([[pad if d else t] for t, d in zip(toks, done)], dtype=torch.long, device=dev)
+            if seq2seq:
+                kw = {"encoder_outputs": enc, "attention_mask": mask, "decoder_input_ids": nxt}
+            else:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                kw = {"input_ids": nxt, "attention_mask": mask, "position_ids": kw["position_ids"][:, -1:] + 1}
+    return out
+
+
+# ------------------------------------------------------------------------------------ entry point
+def uses_fast_path(model) -> bool:
+    from peft import PeftModel
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return getattr(base.config, "model_type", None) in FAST_MODEL_TYPES and not base.config.is_encoder_decoder
+
+
+@torch.no_grad()
+def draw_samples(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int, slots: int = 64, dtype: str = "bfloat16",
+                 on_done: Callable[[int], None] | None = None) -> list[Drawn]:
+    """One sampled continuation per source (see the module doc); ``on_done(i)`` as each sample ends."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if tok.eos_token_id is None:
+        raise ValueError("the generator's tokenizer has no EOS token; the generator cannot learn to stop")
+    eos = int(tok.eos_token_id)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    if not sources:
+        return []
+    if uses_fast_path(model):
+        return _fast_loop(model, tok, sources, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          seed=seed, slots=slots, dtype=DTYPES[dtype], eos=eos, prefilter=PREFILTER,
+                          on_done=on_done)
+    return _generic_loop(model, tok, sources, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         seed=seed, slots=slots, eos=eos, pad=pad, on_done=on_done)

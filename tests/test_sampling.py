@@ -1,0 +1,153 @@
+"""The fast sampler: counter-based randomness, exact nucleus sampling, our Llama decode step, slot refill."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from retrikt.generator import attach_prompt, source_text
+from retrikt.models import load_generator
+from retrikt.sampling import (LlamaDecoder, _generic_loop, _prefix_embeds, draw_samples, nucleus_draw, uniforms,
+                              uses_fast_path)
+from retrikt.tasks import get_task
+
+CB = get_task("cb")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_uniforms_are_a_pure_function_of_seed_id_and_step():
+    a = uniforms(3, [0, 1, 2, 3], [0, 0, 5, 7])
+    assert a.shape == (4,) and ((a >= 0) & (a < 1)).all()
+    # each value depends on its own (seed, id, step) only, not on its neighbours in the call
+    assert uniforms(3, [2], [5])[0] == a[2] and uniforms(3, [3, 9], [7, 1])[0] == a[3]
+    assert uniforms(4, [2], [5])[0] != a[2] and uniforms(3, [2], [6])[0] != a[2]
+    many = uniforms(0, np.arange(20000), 0)
+    assert abs(many.mean() - 0.5) < 0.01 and len(np.unique(many)) == 20000
+
+
+def _reference_draw(logits: torch.Tensor, u: float, temperature: float, top_p: float) -> int:
+    """Top-p by a full stable sort, as written in the docstring: keep tokens until the mass reaches top_p."""
+    p = F.softmax(logits.double() / temperature, -1)
+    ps, idx = p.sort(descending=True, stable=True)
+    cum = ps.cumsum(0)
+    keep = (cum - ps) < top_p
+    ps = ps * keep
+    c = ps.cumsum(0)
+    j = int((c <= u * c[-1]).sum().clamp(max=int(keep.sum()) - 1))
+    return int(idx[j])
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 20.0])  # flat (wide nucleus: escalation and full sort) to peaky
+def test_nucleus_draw_equals_a_full_sort(scale):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 5000, generator=g) * scale
+    u = torch.from_numpy(uniforms(1, range(40), 0))
+    for temperature, top_p in ((1.0, 0.95), (0.7, 0.5), (1.3, 0.99)):
+        got = nucleus_draw(logits, u, temperature, top_p, prefilter=16).tolist()
+        want = [_reference_draw(logits[i], float(u[i]), temperature, top_p) for i in range(40)]
+        assert got == want
+
+
+def test_nucleus_draw_keeps_the_crossing_token_and_top_p_one_samples_everything():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    # mass 0.5 < 0.6, so the second token (which crosses 0.6) is in the nucleus; the third never is
+    drawn = {int(nucleus_draw(logits, torch.tensor([u]), 1.0, 0.6)[0]) for u in np.linspace(0, 0.999, 50)}
+    assert drawn == {0, 1}
+    drawn = {int(nucleus_draw(logits, torch.tensor([u]), 1.0, 1.0)[0]) for u in np.linspace(0, 0.999, 50)}
+    assert drawn == {0, 1, 2}
+    assert int(nucleus_draw(logits, torch.tensor([0.99]), 1.0, 1e-9)[0]) == 0  # tiny nucleus = argmax
+
+
+def _tiny_gqa_llama(tmp_path, tiny_causal_dir):
+    """The tiny Llama with grouped-query attention (4 query heads, 2 K/V heads) and peaky weights."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_causal_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(params=["mha", "gqa"])
+def llama_dir(request, tmp_path, tiny_causal_dir):
+    return tiny_causal_dir if request.param == "mha" else _tiny_gqa_llama(tmp_path, tiny_causal_dir)
+
+
+def test_decoder_logits_equal_the_transformers_forward(llama_dir):
+    model, tok = load_generator(llama_dir)
+    pm = attach_prompt(model, 4, "random", "", llama_dir)
+    emb = _prefix_embeds(pm, tok, source_text(CB, 1))
+    n = emb.shape[0]
+    with torch.no_grad():
+        ref = model(inputs_embeds=emb[None]).logits[0]
+        dec = LlamaDecoder(model, torch.float32, slots=3, max_len=n + 2)
+        assert torch.allclose(dec.prefill(emb[: n - 1], 2), ref[n - 2], atol=1e-5)
+        # the last position as a decode step of slot 2, beside two other slots at other positions
+        ids = torch.tensor([5, 7, 0])
+        dec.prefill(emb[:3], 0)
+        dec.prefill(emb[:5], 1)
+        emb_w = model.get_input_embeddings().weight
+        dec.embed_w = torch.cat([emb_w, emb[n - 1:n]])  # token id V = the last prefix vector
+        ids[2] = emb_w.shape[0]
+        step = dec.step(ids, torch.tensor([3, 5, n - 1]))
+        assert torch.allclose(step[2], ref[n - 1], atol=1e-5)
+
+
+def test_fast_path_samples_what_the_generic_loop_samples(llama_dir):
+    """Same rule, same uniforms: our decode step and transformers' forward draw the same texts (fp32)."""
+    model, tok = load_generator(llama_dir)
+    pm = attach_prompt(model, 4, "random", "", llama_dir)
+    assert uses_fast_path(pm)
+    src = [source_text(CB, lab) for lab in (0, 1, 2, 2, 0)]
+    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=5, on_done=None)
+    fast = draw_samples(pm, tok, src, slots=2, dtype="float32", **{k: v for k, v in kw.items() if k != "on_done"})
+    eos = tok.eos_token_id
+    slow = _generic_loop(pm, tok, src, slots=5, eos=eos, pad=tok.pad_token_id, **kw)
+    assert [(d.ids, d.finished) for d in fast] == [(d.ids, d.finished) for d in slow]
+    assert any(d.ids for d in fast)
+
+
+def test_samples_do_not_depend_on_the_batch_and_respect_the_budget(llama_dir):
+    model, tok = load_generator(llama_dir)
+    pm = attach_prompt(model, 4, "random", "", llama_dir)
+    src = [source_text(CB, lab % 3) for lab in range(9)]
+    done: list[int] = []
+    runs = [draw_samples(pm, tok, src, max_new_tokens=12, temperature=1.0, top_p=0.95, seed=2, slots=s,
+                         dtype="float32", on_done=done.append if s == 4 else None) for s in (1, 4, 9)]
+    assert runs[0] == runs[1] == runs[2]
+    assert sorted(done) == list(range(9))  # each sample reported once, as it ended
+    for d in runs[0]:
+        assert len(d.ids) + d.finished <= 12 and (d.finished or len(d.ids) == 12)
+        assert tok.eos_token_id not in d.ids
+    other = draw_samples(pm, tok, src, max_new_tokens=12, temperature=1.0, top_p=0.95, seed=3, slots=4,
+                         dtype="float32")
+    assert other != runs[0]
+    # a sample's text depends on its index and source only: changing another sample's source changes nothing
+    changed = draw_samples(pm, tok, [source_text(CB, 2)] + src[1:], max_new_tokens=12, temperature=1.0, top_p=0.95,
+                           seed=2, slots=4, dtype="float32")
+    assert changed[1:] == runs[0][1:]
+
+
+def test_bfloat16_is_close_to_float32(llama_dir):
+    model, tok = load_generator(llama_dir)
+    emb = _prefix_embeds(model, tok, source_text(CB, 0))
+    with torch.no_grad():
+        a = LlamaDecoder(model, torch.float32, 1, 64).prefill(emb, 0)
+        b = LlamaDecoder(model, torch.bfloat16, 1, 64).prefill(emb, 0)
+    assert b.dtype == torch.float32 and (a - b).abs().max() < 0.05 * a.abs().max() + 0.05
+
+
+def test_unknown_dtype_is_refused(tiny_causal_dir):
+    model, tok = load_generator(tiny_causal_dir)
+    with pytest.raises(ValueError, match="dtype"):
+        draw_samples(model, tok, ["x"], max_new_tokens=2, temperature=1.0, top_p=0.9, seed=0, dtype="float16")
