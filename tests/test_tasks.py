@@ -105,24 +105,35 @@ def test_wsc_marking():
     ex = {"text": "Mark told Pete many lies about himself , which Pete included in his book .",
           "span1_index": 0, "span2_index": 12, "span1_text": "Mark", "span2_text": "his", "label": 0}
     text = "*Mark* told Pete many lies about himself , which Pete included in [his] book ."
-    assert wsc.serialise(ex) == f"text: {text}"
+    assert wsc.serialise(ex) == f"text: {text}\nspan1_text: Mark\nspan2_text: his"
     assert wsc.render(ex) == (text, 'Does "his" refer to "Mark"?')
-    assert wsc.parse(f"text: {text}") == expected_inputs(wsc, ex)
+    assert wsc.parse(wsc.serialise(ex)) == expected_inputs(wsc, ex)
+    assert wsc.parse(f"text: {text}") == expected_inputs(wsc, ex)  # span lines optional when marks are fine
     # span text differing from the surface (case) travels on its own line
     ex2 = {**ex, "span1_text": "mark"}
-    assert wsc.serialise(ex2) == f"text: {text}\nspan1_text: mark"
     assert wsc.parse(wsc.serialise(ex2))["span1_text"] == "mark"
     # nested spans sharing a first word; span inside a word ("Emma's")
     nested = {"text": "their mothers said so .", "span1_index": 0, "span2_index": 0,
               "span1_text": "their mothers", "span2_text": "their"}
-    assert wsc.serialise(nested) == "text: *[their] mothers* said so ."
+    assert wsc.serialise(nested).startswith("text: *[their] mothers* said so .\n")
     assert wsc.parse(wsc.serialise(nested)) == nested
     inner = {"text": "Emma's mother had died long ago , and her place", "span1_index": 0, "span2_index": 8,
              "span1_text": "Emma", "span2_text": "her"}
     assert wsc.serialise(inner).startswith("text: *Emma*'s mother")
     assert wsc.parse(wsc.serialise(inner)) == inner
     for bad in ("text: no marks here", "text: *Mark* and *Pete* [he]", "text: *Mark* ]he[ went"):
-        assert wsc.parse(bad) is None
+        assert wsc.read(bad) == (None, "unlocated_span")
+
+
+def test_wsc_spans_are_located_when_the_marks_are_broken():
+    wsc = get_task("wsc")
+    located = wsc.read("text: Mark told *Pete about [his book .\nspan1_text: pete\nspan2_text: his")
+    assert located == ({"text": "Mark told Pete about his book .", "span1_index": 2, "span1_text": "pete",
+                        "span2_index": 4, "span2_text": "his"}, "ok")
+    # ambiguous (the span occurs twice) or absent: counted, not guessed
+    assert wsc.read("text: Pete told Pete about his book .\nspan1_text: Pete\nspan2_text: his") == \
+        (None, "unlocated_span")
+    assert wsc.read("text: Mark told Pete .\nspan1_text: Anna\nspan2_text: his") == (None, "unlocated_span")
 
 
 def test_wic_marking_and_offsets():
@@ -134,8 +145,11 @@ def test_wic_marking_and_offsets():
     # offsets refer to the whitespace-normalised sentence
     assert wic.parse(wic.serialise(ex)) == {**expected_inputs(wic, ex), "start2": 10, "end2": 14}
     assert wic.parse("word: bank\nsentence1: the * bank * .\nsentence2: *banks*")["end1"] == 8
-    assert wic.parse("word: bank\nsentence1: the bank .\nsentence2: *bank*") is None
-    assert wic.parse("word: bank\nsentence1: the ** bank\nsentence2: *bank*") is None
+    # unusable marks: the one whole-word occurrence of the word gives the offsets, else unlocated_span
+    assert wic.parse("word: bank\nsentence1: the bank .\nsentence2: *bank*")["start1"] == 4
+    assert wic.parse("word: bank\nsentence1: the ** bank\nsentence2: *bank*")["end1"] == 8
+    assert wic.read("word: bank\nsentence1: a bank by the bank\nsentence2: *bank*") == (None, "unlocated_span")
+    assert wic.read("word: bank\nsentence1: the banks .\nsentence2: *bank*") == (None, "unlocated_span")
 
 
 # -- parse robustness ---------------------------------------------------------------------------
@@ -145,17 +159,26 @@ def test_parse_garbage_is_none(garbage):
     assert get_task("cb").parse(garbage) is None
 
 
-def test_parse_tolerates_whitespace_and_trailing_junk():
+def test_parse_tolerates_whitespace_and_case_but_not_extra_text():
     cb = get_task("cb")
     want = {"premise": "A dog ran.", "hypothesis": "An animal moved."}
     for text in ("\n  premise:   A dog ran.  \n hypothesis: An animal moved.\n\n",
-                 "premise: A dog ran.\nhypothesis: An animal moved.</s><pad><pad>",
-                 "premise: A dog ran.\nhypothesis: An animal moved.\npremise: another one\nblah blah",
-                 "Premise: A dog ran.\nsome junk\nHYPOTHESIS: An animal moved. <|endoftext|>label: 1"):
-        assert cb.parse(text) == want
+                 "Premise: A dog ran.\nHYPOTHESIS: An animal moved.",
+                 "premise: A dog ran.\nhypothesis: An animal moved.</s><pad><pad>",  # an EOS written out ends it
+                 "premise: A dog ran.\nhypothesis: An animal moved. <|endoftext|>label: 1"):
+        assert cb.read(text) == (want, "ok")
+    for text in ("premise: A dog ran.\nhypothesis: An animal moved.\npremise: another one",  # text after the end
+                 "premise: A dog ran.\nhypothesis: An animal moved.\nblah blah",
+                 "premise: A dog ran.\nsome junk\nhypothesis: An animal moved.",            # junk between fields
+                 "hypothesis: An animal moved.\npremise: A dog ran.",                         # out of order
+                 "premise: A dog ran.\npremise: A dog ran.\nhypothesis: An animal moved."):  # repeated
+        assert cb.read(text) == (None, "extra_text")
+    assert cb.read("premise: A dog ran.") == (None, "missing_field")
+    assert cb.read("premise: A dog ran.\nhypothesis:   ") == (None, "missing_field")
     copa = get_task("copa")
-    assert copa.parse("premise: p\nquestion: Cause\nchoice1: a\nchoice2: b\n###")["question"] == "cause"
-    assert copa.parse("premise: p\nquestion: why\nchoice1: a\nchoice2: b") is None
+    assert copa.parse("premise: p\nquestion: Cause\nchoice1: a\nchoice2: b")["question"] == "cause"
+    assert copa.read("premise: p\nquestion: why\nchoice1: a\nchoice2: b") == (None, "invalid")
+    assert copa.read("premise: p\nquestion: cause\nchoice1: a\nchoice2: b\n###") == (None, "extra_text")
 
 
 # -- conditioning -------------------------------------------------------------------------------

@@ -55,20 +55,47 @@ def normalise_ws(text: str) -> str:
     return " ".join(text.split())
 
 
-def _read_lines(text: str, names: Sequence[str]) -> dict[str, str]:
-    """First ``name: value`` line for each wanted name (case-insensitive); values normalised.
+PARSE_FAILURES = ("missing_field", "extra_text", "unlocated_span", "invalid")
 
-    Text after an EOS-like token (``</s>``, ``<|endoftext|>``, ...) and lines that are not wanted
-    fields are ignored, so trailing generated junk does not matter.
+
+class _Unparsable(ValueError):
+    """Raised by a task's ``_from_lines`` with one of :data:`PARSE_FAILURES` as its message."""
+
+
+def _locate(words: Sequence[str], span: str) -> int:
+    """Word index of the one occurrence of ``span`` (a word sequence, case-insensitive) in ``words``;
+    raises :class:`_Unparsable` when it occurs nowhere or more than once (ambiguous)."""
+    want = span.lower().split()
+    low = [w.lower() for w in words]
+    hits = [i for i in range(len(low) - len(want) + 1) if want and low[i:i + len(want)] == want]
+    if len(hits) != 1:
+        raise _Unparsable("unlocated_span")
+    return hits[0]
+
+
+def _read_lines(text: str, names: Sequence[str], optional: Sequence[str] = ()) -> tuple[dict[str, str], str]:
+    """The ``name: value`` lines of a serialisation, strictly: ``(values, "ok")`` or ``({}, reason)``.
+
+    The text (up to an EOS-like token such as ``</s>`` or ``<|endoftext|>``, if one was written out) must
+    be exactly the wanted field lines, each once, in serialisation order (optional ones may be left
+    out); names are case-insensitive and values whitespace-normalised. Any other line, a repeated or
+    out-of-order field, or text after the last field is ``"extra_text"``; a required field that is
+    missing or empty is ``"missing_field"``.
     """
-    wanted = {n.lower(): n for n in names}
+    order = {n.lower(): i for i, n in enumerate(names)}
     found: dict[str, str] = {}
+    at = -1
     for line in _EOS.split(text, maxsplit=1)[0].splitlines():
+        if not line.strip():
+            continue
         m = _FIELD_LINE.match(line)
-        key = wanted.get(m.group(1).lower()) if m else None
-        if key and key not in found:
-            found[key] = normalise_ws(m.group(2))
-    return found
+        i = order.get(m.group(1).lower()) if m else None
+        if i is None or i <= at:
+            return {}, "extra_text"
+        at, found[names[i]] = i, normalise_ws(m.group(2))
+    if any(not found.get(n) for n in names if n not in optional):
+        return {}, "missing_field"
+    return found, "ok"
 
 
 @dataclass(frozen=True)
@@ -116,18 +143,25 @@ class Task:
         return "\n".join(f"{k}: {v}" for k, v in self._lines(ex).items())
 
     def parse(self, text: str) -> dict[str, Any] | None:
-        """Input fields read back from (generated) ``serialise`` text; None if unusable."""
-        names = self._LINES or self.input_fields
-        vals = _read_lines(text, names)
-        if any(not vals.get(n) for n in names if n not in self._OPTIONAL):
-            return None
-        ex = self._from_lines(vals)
+        """Input fields read back from (generated) ``serialise`` text; None if unusable (see :meth:`read`)."""
+        return self.read(text)[0]
+
+    def read(self, text: str) -> tuple[dict[str, Any] | None, str]:
+        """``(example, "ok")``, or ``(None, reason)`` with a reason of :data:`PARSE_FAILURES`: the text is
+        not exactly the serialisation's lines (``missing_field``, ``extra_text``), or its values do not
+        make a valid example (``invalid``)."""
+        vals, why = _read_lines(text, self._LINES or self.input_fields, self._OPTIONAL)
+        if why != "ok":
+            return None, why
         try:
+            ex = self._from_lines(vals)
             if ex is not None:
                 self.validate(ex)
+        except _Unparsable as e:
+            return None, str(e)
         except ValueError:
-            return None
-        return ex
+            ex = None
+        return (ex, "ok") if ex is not None else (None, "invalid")
 
     def _lines(self, ex: Mapping[str, Any]) -> dict[str, str]:
         return {f: normalise_ws(ex[f]) for f in self._LINES or self.input_fields}
@@ -201,37 +235,38 @@ class CopaTask(Task):
 
 
 class WscTask(Task):
-    """WSC: span1 marked ``*...*``, span2 (pronoun) marked ``[...]`` inline (see module doc)."""
+    """WSC: span1 marked ``*...*``, span2 (pronoun) marked ``[...]`` inline, and both span texts on their
+    own lines (see module doc). Parsing reads the spans from the marks; when the marks are broken (a
+    generator may drop or add one) it locates each span text in the unmarked text instead, if it occurs
+    there exactly once, and otherwise reports ``unlocated_span``."""
 
     _LINES = ("text", "span1_text", "span2_text")
     _OPTIONAL = ("span1_text", "span2_text")
     _MARKS: ClassVar[tuple[tuple[str, str], ...]] = (("*", "*"), ("[", "]"))
 
-    def _mark(self, ex: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
-        """The normalised text with both spans marked, and span texts the marks cannot express."""
+    def _mark(self, ex: Mapping[str, Any]) -> str:
+        """The normalised text with both spans marked."""
         words = ex["text"].split()
-        text, events, overrides = " ".join(words), [], {}
+        text, events = " ".join(words), []
         for k, (opener, closer) in enumerate(self._MARKS, 1):
             i, span = ex[f"span{k}_index"], normalise_ws(ex[f"span{k}_text"])
             start = sum(len(w) + 1 for w in words[:i])
             region = " ".join(words[i : i + len(span.split())])
             end = start + (len(span) if region.lower().startswith(span.lower()) else len(region))
-            if text[start:end] != span:
-                overrides[f"span{k}_text"] = span
             # left-to-right order at one position: closers, then openers of longer spans first
             events += [(start, 1, -end, opener), (end, 0, -start, closer)]
         for pos, *_, mark in sorted(events, reverse=True):
             text = text[:pos] + mark + text[pos:]
-        return text, overrides
+        return text
 
     def _lines(self, ex: Mapping[str, Any]) -> dict[str, str]:
-        text, overrides = self._mark(ex)
-        return {"text": text, **overrides}
+        return {"text": self._mark(ex), "span1_text": normalise_ws(ex["span1_text"]),
+                "span2_text": normalise_ws(ex["span2_text"])}
 
     def _from_lines(self, vals: dict[str, str]) -> dict[str, Any] | None:
         marked = vals["text"]
         if any(marked.count(c) != n for c, n in (("*", 2), ("[", 1), ("]", 1))):
-            return None
+            return self._located(vals)
         chars: list[str] = []
         pos: dict[str, list[int]] = {"*": [], "[": [], "]": []}
         for ch in marked:
@@ -244,7 +279,7 @@ class WscTask(Task):
         for k, (s, e) in enumerate((pos["*"], pos["["] + pos["]"]), 1):
             surface = normalise_ws(plain[s:e])
             if s > e or not surface:
-                return None
+                return self._located(vals)
             while plain[s].isspace():
                 s += 1
             inside_word = s > 0 and not plain[s - 1].isspace()
@@ -252,9 +287,20 @@ class WscTask(Task):
             out[f"span{k}_text"] = vals.get(f"span{k}_text") or surface
         return out
 
+    def _located(self, vals: dict[str, str]) -> dict[str, Any]:
+        """Marks unusable: each span text found in the unmarked text (exactly once), else unlocated_span."""
+        text = normalise_ws(re.sub(r"[*\[\]]", " ", vals["text"]))
+        out: dict[str, Any] = {"text": text}
+        for k in (1, 2):
+            span = vals.get(f"span{k}_text")
+            if not span:
+                raise _Unparsable("unlocated_span")
+            out[f"span{k}_index"], out[f"span{k}_text"] = _locate(text.split(), span), span
+        return out
+
     def render(self, ex: Mapping[str, Any]) -> tuple[str, str | None]:
         s1, s2 = normalise_ws(ex["span1_text"]), normalise_ws(ex["span2_text"])
-        return self._mark(ex)[0], f'Does "{s2}" refer to "{s1}"?'
+        return self._mark(ex), f'Does "{s2}" refer to "{s1}"?'
 
     def _check(self, ex: Mapping[str, Any]) -> None:
         n = len(ex["text"].split())
@@ -264,7 +310,9 @@ class WscTask(Task):
 
 
 class WicTask(Task):
-    """WiC: ``word`` line, then both sentences with the target occurrence marked ``*...*``."""
+    """WiC: ``word`` line, then both sentences with the target occurrence marked ``*...*``; a sentence
+    whose marks are unusable gets its offsets from the one whole-word occurrence of ``word`` in it,
+    else ``unlocated_span``."""
 
     _LINES = ("word", "sentence1", "sentence2")
     _SPAN = re.compile(r"\*\s*(.*?)\s*\*")
@@ -280,13 +328,16 @@ class WicTask(Task):
         out: dict[str, Any] = {"word": vals["word"]}
         for k in (1, 2):
             marked = vals[f"sentence{k}"]
-            if marked.count("*") != 2:
-                return None
-            marked = self._SPAN.sub(r"*\1*", marked)
-            start = marked.index("*")
-            end = marked.index("*", start + 1) - 1
-            if end <= start:
-                return None
+            if marked.count("*") == 2:
+                marked = self._SPAN.sub(r"*\1*", marked)
+                start = marked.index("*")
+                end = marked.index("*", start + 1) - 1
+            if marked.count("*") != 2 or end <= start:  # marks unusable: the word itself, if it occurs once
+                marked = normalise_ws(marked.replace("*", " "))
+                hits = [m.span() for m in re.finditer(rf"(?<!\w){re.escape(vals['word'])}(?!\w)", marked, re.I)]
+                if len(hits) != 1:
+                    raise _Unparsable("unlocated_span")
+                (start, end), marked = hits[0], marked[:hits[0][0]] + "*" + marked[hits[0][0]:]
             out.update({f"sentence{k}": marked.replace("*", ""), f"start{k}": start, f"end{k}": end})
         return out
 
