@@ -22,7 +22,7 @@ def _params(mirror_dir, **data):
     import yaml
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["data"] = {"mirror_dir": str(mirror_dir), **data}
+    raw["data"] = {**raw["data"], "mirror_dir": str(mirror_dir), **data}
     return parse_params(raw)
 
 

@@ -60,11 +60,12 @@ def test_bad_values_are_one_line(value, expect):
     assert str(e.value) == expect
 
 
-def test_default_is_auto():
+def test_default_is_auto_and_params_yaml_must_set_it():
     assert RAW["device"] == "auto"
     raw = copy.deepcopy(RAW)
     del raw["device"]
-    assert parse_params(raw).device == "auto"
+    with pytest.raises(ParamsError, match=r"^device: missing"):
+        parse_params(raw)
 
 
 def test_never_set_means_cpu():
@@ -139,7 +140,7 @@ def test_trl_trains_where_the_model_is(monkeypatch, tmp_path):
 
     from retrikt.rl.trl_algos import TrlConfig, train_with_trl
 
-    from .test_rl_ppo import CONDITIONS, good_fraction, tiny_causal_peft, tiny_tokenizer
+    from .test_rl_ppo import CONDITIONS, good_fraction, rl_params, tiny_causal_peft, tiny_tokenizer
 
     seen = {}
 
@@ -154,22 +155,23 @@ def test_trl_trains_where_the_model_is(monkeypatch, tmp_path):
     monkeypatch.setattr(trl, "GRPOTrainer", Recorder)
     tok = tiny_tokenizer()
     train_with_trl("grpo", tiny_causal_peft(len(tok)), tok, CONDITIONS, good_fraction,
-                   TrlConfig(output_dir=str(tmp_path), max_steps=1, batch_size=4))
+                   TrlConfig(rl_params(updates=1, batch_size=4), 0, output_dir=str(tmp_path)))
     assert seen["use_cpu"] is True
 
 
 # ------------------------------------------------------------------------------------ on a GPU
 @pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
 def test_train_and_sample_on_cuda(tiny_encoder_dir, tiny_causal_dir, tiny_seq2seq_dir):
-    from retrikt.rl.ppo import PPOConfig, SoftPromptPPO
+    from retrikt.rl.ppo import SoftPromptPPO
 
-    from .test_rl_ppo import CONDITIONS, good_fraction, tiny_causal_peft, tiny_tokenizer
+    from .test_rl_ppo import CONDITIONS, good_fraction, ppo_config, tiny_causal_peft, tiny_tokenizer
 
     assert device.set_device("cuda").type == "cuda"
     task = get_task("cb")
     clf = Classifier.from_base(tiny_encoder_dir, task, max_length=32, num_layers=2)
     assert clf.model.device.type == "cuda"
-    history = train_classifier(clf, ROWS, ROWS, epochs=2, lr=1e-3, batch_size=4, seed=0)
+    history = train_classifier(clf, ROWS, ROWS, epochs=2, lr=1e-3, batch_size=4, seed=0, weight_decay=0.01,
+                               warmup_ratio=0.1)
     assert len(history) == 2 and clf.predict_proba(ROWS).shape == (len(ROWS), 3)
     assert clf.embed(ROWS).shape[0] == len(ROWS)
 
@@ -184,7 +186,7 @@ def test_train_and_sample_on_cuda(tiny_encoder_dir, tiny_causal_dir, tiny_seq2se
         assert len(runs[0].texts) == len(ROWS) and runs[0] == runs[1]  # seeded on the GPU too
 
     tok = tiny_tokenizer()
-    cfg = PPOConfig(lr=0.1, batch_size=6, mini_batch_size=3, ppo_epochs=1, max_new_tokens=4, top_p=0.9, seed=0)
+    cfg = ppo_config(lr=0.1, batch_size=6, mini_batch_size=3, ppo_epochs=1, max_new_tokens=4, top_p=0.9, seed=0)
     trainer = SoftPromptPPO(tiny_causal_peft(len(tok)).to(device.get_device()), tok, cfg, good_fraction)
     stats = trainer.step(CONDITIONS * 2)
     assert trainer.value_head.weight.device.type == "cuda" and stats["response_length"] > 0
@@ -196,7 +198,7 @@ def test_every_student_method_and_trl_on_cuda(in_tmp_repo, monkeypatch, tiny_enc
     student) and trl's GRPO, all on the GPU."""
     from retrikt.rl.trl_algos import TrlConfig, train_with_trl
 
-    from .test_rl_ppo import CONDITIONS, good_fraction, tiny_causal_peft, tiny_tokenizer
+    from .test_rl_ppo import CONDITIONS, good_fraction, rl_params, tiny_causal_peft, tiny_tokenizer
     from .test_train_student import make_tiny_repo, run_student
 
     monkeypatch.setenv("RETRIKT_MLFLOW", "0")
@@ -207,5 +209,6 @@ def test_every_student_method_and_trl_on_cuda(in_tmp_repo, monkeypatch, tiny_enc
     tok = tiny_tokenizer()
     model = tiny_causal_peft(len(tok)).to(device.get_device())
     logs = train_with_trl("grpo", model, tok, CONDITIONS, good_fraction,
-                          TrlConfig(output_dir=str(in_tmp_repo / "trl"), max_steps=2, batch_size=8, max_new_tokens=4))
+                          TrlConfig(rl_params(updates=2, batch_size=8, max_new_tokens=4), 0,
+                                    output_dir=str(in_tmp_repo / "trl")))
     assert len(logs) == 2 and model.prompt_encoder["default"].embedding.weight.device.type == "cuda"

@@ -63,8 +63,70 @@ def test_bad_values_name_the_key(path, value, expect):
 def test_missing_required_group():
     raw = copy.deepcopy(RAW)
     del raw["models"]
-    with pytest.raises(ParamsError, match="^models: missing$"):
+    with pytest.raises(ParamsError, match=r"^models: missing \(params.yaml must set every key\)$"):
         parse_params(raw)
+
+
+def _leaf_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "models":
+            out += _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+@pytest.mark.parametrize("key", _leaf_keys(RAW))
+def test_every_key_must_be_in_params_yaml(key):
+    """params.yaml is the one source of values: dropping any key is an error naming it, not a default."""
+    raw = copy.deepcopy(RAW)
+    *parents, last = key.split(".")
+    node = raw
+    for p in parents:
+        node = node[p]
+    del node[last]
+    with pytest.raises(ParamsError) as e:
+        parse_params(raw)
+    assert str(e.value) == f"{key}: missing (params.yaml must set every key)"
+
+
+def test_the_typed_tree_has_no_defaults_and_params_yaml_sets_every_field():
+    import dataclasses
+    import typing
+
+    from retrikt import params as P
+
+    def walk(cls, prefix, raw):
+        for f in dataclasses.fields(cls):
+            if cls is P.ModelSpec or f.name == "extra":  # source-specific keys; not settable
+                continue
+            key = f"{prefix}{f.name}"
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, key
+            assert f.name in raw, f"{key}: declared in params.py but not set in params.yaml"
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp) and tp is not P.ModelsParams:
+                walk(tp, key + ".", raw[f.name])
+
+    walk(P.Params, "", RAW)
+
+
+def test_rl_configs_are_the_rl_params_not_copies():
+    import dataclasses
+
+    from retrikt.rl.ppo import PPOConfig
+    from retrikt.rl.trl_algos import TrlConfig
+
+    p = parse_params(RAW)
+    assert [f.name for f in dataclasses.fields(PPOConfig)] == ["rl", "seed"]
+    assert PPOConfig(p.rl, 3).rl is p.rl
+    assert [f.name for f in dataclasses.fields(TrlConfig)][:3] == ["rl", "seed", "output_dir"]
+
+
+def test_students_have_their_own_optimiser_keys():
+    p = parse_params(_with("teacher.weight_decay", 0.5))
+    assert p.student.weight_decay == RAW["student"]["weight_decay"] and p.teacher.weight_decay == 0.5
+    assert parse_params(_with("student.warmup_ratio", 0.3)).student.warmup_ratio == 0.3
 
 
 def test_cross_field_checks():

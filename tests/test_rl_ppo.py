@@ -3,11 +3,14 @@
 The tiny builders here are reused by tests/test_rl_trl.py.
 """
 
+import dataclasses
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import PromptTuningConfig, TaskType, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
@@ -23,6 +26,20 @@ from retrikt.rl.ppo import (
     ppo_policy_loss,
     value_loss,
 )
+
+from retrikt.params import RLParams, parse_params
+
+RL: RLParams = parse_params(yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())).rl
+
+
+def rl_params(**settings) -> RLParams:
+    """params.yaml's `rl` section with a test's own settings on top (the code has no defaults)."""
+    return dataclasses.replace(RL, **settings)
+
+
+def ppo_config(seed: int = 0, **settings) -> PPOConfig:
+    return PPOConfig(rl_params(**settings), seed)
+
 
 WORDS = "good bad movie film great awful the a is was plot actor review positive negative label text".split()
 
@@ -159,7 +176,7 @@ def test_sampling_matches_scoring(kind):
     and left padding (causal batches) changes nothing."""
     tok = tiny_tokenizer()
     model = tiny_causal_peft(len(tok)) if kind == "causal" else tiny_t5_peft(len(tok))
-    tr = SoftPromptPPO(model, tok, PPOConfig(max_new_tokens=5, temperature=0.7), good_fraction)
+    tr = SoftPromptPPO(model, tok, ppo_config(max_new_tokens=5, temperature=0.7), good_fraction)
     seen = _capture_sampling_logits(tr)
     ro = tr.generate(CONDITIONS)
     logits, _ = tr._forward(tr.prompt_weight, ro)
@@ -176,7 +193,8 @@ def test_sampling_matches_scoring(kind):
 
 def test_ppo_learns_causal_prompt():
     tok = tiny_tokenizer()
-    cfg = PPOConfig(lr=0.1, batch_size=16, mini_batch_size=8, ppo_epochs=4, max_new_tokens=6, kl_coef=0.0, seed=0)
+    cfg = ppo_config(lr=0.1, batch_size=16, mini_batch_size=8, ppo_epochs=4, max_new_tokens=6, kl_coef=0.0, top_p=1.0,
+                     vf_coef=0.5, seed=0)
     tr = SoftPromptPPO(tiny_causal_peft(len(tok)), tok, cfg, good_fraction)
     ref = tr.ref_prompt.clone()
     seen = []
@@ -196,9 +214,9 @@ def test_only_prompt_and_value_head_train():
     tok = tiny_tokenizer()
     model = tiny_causal_peft(len(tok))
     base_before = {k: v.clone() for k, v in model.get_base_model().state_dict().items()}
-    cfg = PPOConfig(
+    cfg = ppo_config(
         lr=0.1, batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=4,
-        kl_coef=0.2, adaptive_kl=True, target_kl=0.01, horizon=10,
+        kl_coef=0.2, adaptive_kl=True, target_kl=0.01, kl_horizon=10,
     )
     tr = SoftPromptPPO(model, tok, cfg, lambda texts, conds: {"reward": [float(len(t)) for t in texts]})
     tr.step(CONDITIONS[:2] * 2)
@@ -211,7 +229,7 @@ def test_only_prompt_and_value_head_train():
 
 def test_same_seed_same_stats():
     tok = tiny_tokenizer()
-    cfg = PPOConfig(lr=0.1, batch_size=6, mini_batch_size=3, ppo_epochs=2, max_new_tokens=5, seed=7)
+    cfg = ppo_config(lr=0.1, batch_size=6, mini_batch_size=3, ppo_epochs=2, max_new_tokens=5, seed=7)
     runs = [
         SoftPromptPPO(tiny_causal_peft(len(tok)), tok, cfg, good_fraction).train(lambda n: CONDITIONS * 2, 2)
         for _ in range(2)
@@ -221,7 +239,7 @@ def test_same_seed_same_stats():
 
 def test_seq2seq_smoke():
     tok = tiny_tokenizer()
-    cfg = PPOConfig(lr=0.1, batch_size=6, mini_batch_size=3, ppo_epochs=2, max_new_tokens=5, top_p=0.9, seed=1)
+    cfg = ppo_config(lr=0.1, batch_size=6, mini_batch_size=3, ppo_epochs=2, max_new_tokens=5, top_p=0.9, seed=1)
     tr = SoftPromptPPO(tiny_t5_peft(len(tok)), tok, cfg, good_fraction)
     hist = tr.train(lambda n: CONDITIONS * (n // 3), 3)
     assert len(hist) == 3 and all(math.isfinite(v) for h in hist for v in h.values())
@@ -242,7 +260,7 @@ def test_ppo_with_compute_rewards():
         probs = lambda ex: np.tile([0.3, 0.7], (len(ex), 1))  # noqa: E731
         return compute_rewards(texts, [label_of[c] for c in conditions], parse, probs, RewardWeights(), (2, 4))
 
-    cfg = PPOConfig(batch_size=6, mini_batch_size=3, max_new_tokens=5)
+    cfg = ppo_config(batch_size=6, mini_batch_size=3, max_new_tokens=5)
     tr = SoftPromptPPO(tiny_causal_peft(len(tok)), tok, cfg, reward_fn)
     stats = tr.step(CONDITIONS * 2)
     assert {"accuracy", "diversity", "length_penalty", "parse_fail", "mean_accuracy"} <= set(stats)

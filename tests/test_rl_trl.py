@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from retrikt.rl.trl_algos import TrlConfig, make_trl_reward, train_with_trl
-from tests.test_rl_ppo import CONDITIONS, good_fraction, tiny_causal_peft, tiny_t5_peft, tiny_tokenizer
+from tests.test_rl_ppo import CONDITIONS, good_fraction, rl_params, tiny_causal_peft, tiny_t5_peft, tiny_tokenizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only thrash
@@ -27,7 +27,7 @@ def test_reward_adapter_signature():
 
 def test_trl_rejects_seq2seq_and_unknown(tmp_path):
     tok = tiny_tokenizer()
-    cfg = TrlConfig(output_dir=str(tmp_path))
+    cfg = TrlConfig(rl_params(), 0, output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="causal"):
         train_with_trl("grpo", tiny_t5_peft(len(tok)), tok, CONDITIONS, good_fraction, cfg)
     with pytest.raises(ValueError, match="unknown"):
@@ -38,9 +38,9 @@ def _run(algorithm, steps, lr, tmp_path):
     tok = tiny_tokenizer()
     model = tiny_causal_peft(len(tok))  # stands for the loaded step-1 PeftModel
     start = model.prompt_encoder["default"].embedding.weight.detach().clone()
-    cfg = TrlConfig(
-        output_dir=str(tmp_path), lr=lr, max_steps=steps, batch_size=16, num_generations=4, max_new_tokens=6, beta=0.05
-    )
+    rl = rl_params(lr=lr, updates=steps, batch_size=16, num_generations=4, max_new_tokens=6, kl_coef=0.05,
+                   temperature=1.0, top_p=1.0, clip=0.2, max_grad_norm=1.0)
+    cfg = TrlConfig(rl, 0, output_dir=str(tmp_path))
     t0 = time.time()
     logs = train_with_trl(algorithm, model, tok, CONDITIONS, good_fraction, cfg)
     return model, start, logs, time.time() - t0

@@ -33,7 +33,8 @@ KEYWORDS = (("yes", "true"), ("no", "false"), ("movie", "film"))
 FILLER = "the cat sat on mat dog fox quick brown lazy day ground rained sleeps jumps over".split()
 STUDENT = dict(epochs=20, lr=1e-3, batch_size=8, max_length=32, retrieval_candidates=16, retrieval_top_k=4,
                retrieval_tau=0.1)
-TIMING_KEYS = ("train_seconds", "setup_seconds", "epoch_seconds", "latency_ms", "forward_latency_ms")
+TIMING_KEYS = ("train_seconds", "setup_seconds", "epoch_seconds", "latency_ms", "forward_latency_ms",
+               "latency_ratio")
 
 
 def keyword_rows(n: int, rng: random.Random) -> list[dict]:
@@ -64,7 +65,8 @@ def make_tiny_repo(encoder_dir: Path, n_train: int = 60, n_val: int = 30, n_stor
     task = get_task(TASK)
     torch.manual_seed(0)
     teacher = Classifier.from_base(encoder_dir, task, max_length=32)
-    train_classifier(teacher, train, train, epochs=20, lr=2e-3, batch_size=8, seed=0)
+    train_classifier(teacher, train, train, epochs=20, lr=2e-3, batch_size=8, seed=0, weight_decay=0.01,
+                     warmup_ratio=0.1)
     teacher.save(paths.teacher(TASK))
 
     entries = [{k: r[k] for k in ("premise", "hypothesis", "label")} for r in keyword_rows(n_store, rng)]

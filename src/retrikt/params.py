@@ -5,6 +5,10 @@ Every stage calls :func:`load_params` before any compute. Validation is strict: 
 :class:`ParamsError` whose message is one line naming the key, and the CLI turns it into exit code 2.
 
 Types come from the dataclass annotations; ranges and choices from field metadata (``rng``/``choices``).
+params.yaml is the one place with values: no field here has a default (a key missing from the file is an
+error naming it), except a model spec's source-specific keys, which are None where they do not apply.
+To add a key: declare it here (type, range) and set its value in params.yaml; tests build Params
+from params.yaml, so they see it too.
 """
 
 from __future__ import annotations
@@ -23,13 +27,10 @@ class ParamsError(ValueError):
     """Invalid params.yaml; the message is a single line naming the key."""
 
 
-def _f(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
-       lo_open: bool = False, factory: Any = None) -> Any:
-    """A dataclass field with an optional numeric range [lo, hi] (lo excluded when lo_open)."""
-    meta = {"rng": (lo, hi, lo_open)}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+def _f(*, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Any:
+    """A dataclass field (no default: params.yaml sets every value) with a numeric range [lo, hi]
+    (lo excluded when lo_open)."""
+    return field(metadata={"rng": (lo, hi, lo_open)})
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class ModelSpec:
 
     name: str
     source: Literal["registry", "hub", "local"]
+    # source-specific keys (None = not given: `check` says which the source needs)
     package: Optional[str] = None
     version: Optional[str] = None
     file: Optional[str] = None
@@ -58,9 +60,9 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DataParams:
-    mirror_dir: Optional[str] = "../shared/data/glue"
-    train_limit: Optional[int] = _f(None, lo=1)
-    validation_limit: Optional[int] = _f(None, lo=1)
+    mirror_dir: Optional[str]
+    train_limit: Optional[int] = _f(lo=1)
+    validation_limit: Optional[int] = _f(lo=1)
 
 
 @dataclass(frozen=True)
@@ -72,77 +74,80 @@ class ModelsParams:
 
 @dataclass(frozen=True)
 class TeacherParams:
-    model: str = "encoder"
-    epochs: int = _f(10, lo=1)
-    lr: float = _f(5e-5, lo=0, lo_open=True)
-    batch_size: int = _f(16, lo=1)
-    max_length: int = _f(128, lo=8, hi=4096)
-    weight_decay: float = _f(0.01, lo=0)
-    warmup_ratio: float = _f(0.1, lo=0, hi=1)
+    model: str  # a key of `models`
+    epochs: int = _f(lo=1)
+    lr: float = _f(lo=0, lo_open=True)
+    batch_size: int = _f(lo=1)
+    max_length: int = _f(lo=8, hi=4096)
+    weight_decay: float = _f(lo=0)
+    warmup_ratio: float = _f(lo=0, hi=1)
 
 
 @dataclass(frozen=True)
 class PromptTuneParams:
-    num_virtual_tokens: int = _f(16, lo=1, hi=512)
-    init: Literal["text", "random"] = "text"
-    init_text: str = "Write a new example for the task described below."
-    lr: float = _f(3e-2, lo=0, lo_open=True)
-    epochs: int = _f(2, lo=1)
-    batch_size: int = _f(8, lo=1)
-    max_length: int = _f(128, lo=16, hi=4096)
-    train_limit: Optional[int] = _f(None, lo=1)
+    num_virtual_tokens: int = _f(lo=1, hi=512)
+    init: Literal["text", "random"]
+    init_text: str
+    lr: float = _f(lo=0, lo_open=True)
+    epochs: int = _f(lo=1)
+    batch_size: int = _f(lo=1)
+    max_length: int = _f(lo=16, hi=4096)
+    train_limit: Optional[int] = _f(lo=1)
 
 
 @dataclass(frozen=True)
 class RLParams:
-    enabled: bool = True
-    require_improvement: bool = True
-    algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
-    updates: int = _f(6, lo=1)
-    batch_size: int = _f(8, lo=2)
-    mini_batch_size: int = _f(4, lo=1)
-    ppo_epochs: int = _f(2, lo=1)
-    lr: float = _f(1e-2, lo=0, lo_open=True)
-    clip: float = _f(0.2, lo=0, hi=1, lo_open=True)
-    clip_value: float = _f(0.2, lo=0, lo_open=True)
-    vf_coef: float = _f(0.1, lo=0)
-    gamma: float = _f(1.0, lo=0, hi=1)
-    lam: float = _f(0.95, lo=0, hi=1)
-    kl_coef: float = _f(0.1, lo=0)
-    adaptive_kl: bool = False
-    target_kl: float = _f(6.0, lo=0, lo_open=True)
-    max_grad_norm: float = _f(1.0, lo=0, lo_open=True)
-    max_new_tokens: int = _f(64, lo=1, hi=2048)
-    temperature: float = _f(1.0, lo=0, lo_open=True)
-    top_p: float = _f(0.95, lo=0, hi=1, lo_open=True)
-    label_sampling: Literal["uniform", "prior"] = "uniform"
-    eval_samples: int = _f(24, lo=2)
-    num_generations: int = _f(4, lo=2)
-    w_acc: float = _f(1.0, lo=0)
-    w_div: float = _f(0.5, lo=0)
-    w_len: float = _f(0.1, lo=0)
-    parse_penalty: float = _f(1.0, lo=0)
-    len_low_pct: float = _f(5, lo=0, hi=100)
-    len_high_pct: float = _f(95, lo=0, hi=100)
+    enabled: bool
+    require_improvement: bool
+    algorithm: Literal["ppo", "grpo", "rloo"]
+    updates: int = _f(lo=1)
+    batch_size: int = _f(lo=2)
+    mini_batch_size: int = _f(lo=1)
+    ppo_epochs: int = _f(lo=1)
+    lr: float = _f(lo=0, lo_open=True)
+    value_lr: Optional[float] = _f(lo=0, lo_open=True)
+    clip: float = _f(lo=0, hi=1, lo_open=True)
+    clip_value: float = _f(lo=0, lo_open=True)
+    vf_coef: float = _f(lo=0)
+    whiten_advantages: bool
+    gamma: float = _f(lo=0, hi=1)
+    lam: float = _f(lo=0, hi=1)
+    kl_coef: float = _f(lo=0)
+    adaptive_kl: bool
+    target_kl: float = _f(lo=0, lo_open=True)
+    kl_horizon: int = _f(lo=1)
+    max_grad_norm: float = _f(lo=0, lo_open=True)
+    max_new_tokens: int = _f(lo=1, hi=2048)
+    temperature: float = _f(lo=0, lo_open=True)
+    top_p: float = _f(lo=0, hi=1, lo_open=True)
+    label_sampling: Literal["uniform", "prior"]
+    eval_samples: int = _f(lo=2)
+    num_generations: int = _f(lo=2)
+    w_acc: float = _f(lo=0)
+    w_div: float = _f(lo=0)
+    w_len: float = _f(lo=0)
+    parse_penalty: float = _f(lo=0)
+    len_low_pct: float = _f(lo=0, hi=100)
+    len_high_pct: float = _f(lo=0, hi=100)
 
 
 @dataclass(frozen=True)
 class GenerateParams:
-    num_samples: int = _f(192, lo=1)
-    balance: bool = True
-    batch_size: int = _f(16, lo=1)
-    max_new_tokens: int = _f(64, lo=1, hi=2048)
-    temperature: float = _f(1.0, lo=0, lo_open=True)
-    top_p: float = _f(0.95, lo=0, hi=1, lo_open=True)
-    near_dup_threshold: float = _f(0.9, lo=0, hi=1, lo_open=True)
-    filter_by_teacher: bool = False
+    num_samples: int = _f(lo=1)
+    balance: bool
+    batch_size: int = _f(lo=1)
+    max_new_tokens: int = _f(lo=1, hi=2048)
+    temperature: float = _f(lo=0, lo_open=True)
+    top_p: float = _f(lo=0, hi=1, lo_open=True)
+    near_dup_threshold: float = _f(lo=0, hi=1, lo_open=True)
+    filter_by_teacher: bool
 
 
 @dataclass(frozen=True)
 class IndexParams:
-    type: Literal["flat", "ivf", "hnsw"] = "flat"
-    nlist: int = _f(64, lo=1)
-    hnsw_m: int = _f(32, lo=2)
+    type: Literal["flat", "ivf", "hnsw"]
+    nlist: int = _f(lo=1)
+    hnsw_m: int = _f(lo=2)
 
 
 BASELINES = ("finetune", "vanilla_kd", "mgskd", "adkd")  # trained on the task data only
@@ -152,24 +157,25 @@ METHODS = BASELINES + STORE_METHODS
 
 @dataclass(frozen=True)
 class StudentParams:
-    layers: list[int] = _f(factory=lambda: [2, 4], lo=1, hi=48)
-    baselines: list[Literal["finetune", "vanilla_kd", "mgskd", "adkd"]] = field(
-        default_factory=lambda: list(BASELINES))
-    store_methods: list[Literal["retrikt_kd", "retrikt"]] = field(default_factory=lambda: list(STORE_METHODS))
-    epochs: int = _f(10, lo=1)
-    lr: float = _f(1e-4, lo=0, lo_open=True)
-    batch_size: int = _f(16, lo=2)
-    max_length: int = _f(128, lo=8, hi=4096)
-    kd_alpha: float = _f(0.8, lo=0, hi=1)
-    kd_temperature: float = _f(2.0, lo=0, lo_open=True)
-    mgskd_token_weight: float = _f(1.0, lo=0)
-    mgskd_sample_weight: float = _f(4.0, lo=0)
-    adkd_beta: float = _f(1.0, lo=0)
-    adkd_top_k: float = _f(1.0, lo=0, hi=1, lo_open=True)
-    retrieval_tau: float = _f(0.1, lo=0, lo_open=True)
-    retrieval_candidates: int = _f(64, lo=2)
-    retrieval_top_k: int = _f(16, lo=1)
-    retrieval_ce_weight: float = _f(0.0, lo=0)
+    layers: list[int] = _f(lo=1, hi=48)
+    baselines: list[Literal["finetune", "vanilla_kd", "mgskd", "adkd"]]
+    store_methods: list[Literal["retrikt_kd", "retrikt"]]
+    epochs: int = _f(lo=1)
+    lr: float = _f(lo=0, lo_open=True)
+    weight_decay: float = _f(lo=0)
+    warmup_ratio: float = _f(lo=0, hi=1)
+    batch_size: int = _f(lo=2)
+    max_length: int = _f(lo=8, hi=4096)
+    kd_alpha: float = _f(lo=0, hi=1)
+    kd_temperature: float = _f(lo=0, lo_open=True)
+    mgskd_token_weight: float = _f(lo=0)
+    mgskd_sample_weight: float = _f(lo=0)
+    adkd_beta: float = _f(lo=0)
+    adkd_top_k: float = _f(lo=0, hi=1, lo_open=True)
+    retrieval_tau: float = _f(lo=0, lo_open=True)
+    retrieval_candidates: int = _f(lo=2)
+    retrieval_top_k: int = _f(lo=1)
+    retrieval_ce_weight: float = _f(lo=0)
 
     @property
     def methods(self) -> list[str]:
@@ -179,25 +185,25 @@ class StudentParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    bootstrap_samples: int = _f(1000, lo=10)
-    confidence: float = _f(0.95, lo=0, hi=1, lo_open=True)
+    bootstrap_samples: int = _f(lo=10)
+    confidence: float = _f(lo=0, hi=1, lo_open=True)
 
 
 @dataclass(frozen=True)
 class Params:
     models: ModelsParams
-    seed: int = _f(0, lo=0, hi=2**32 - 1)
-    seeds: list[int] = _f(factory=lambda: [0], lo=0, hi=2**32 - 1)
-    tasks: list[str] = field(default_factory=lambda: ["cb"])
-    device: str = "auto"  # auto | cpu | cuda | cuda:N; resolved by retrikt.device at stage start
-    data: DataParams = field(default_factory=DataParams)
-    teacher: TeacherParams = field(default_factory=TeacherParams)
-    prompt_tune: PromptTuneParams = field(default_factory=PromptTuneParams)
-    rl: RLParams = field(default_factory=RLParams)
-    generate: GenerateParams = field(default_factory=GenerateParams)
-    index: IndexParams = field(default_factory=IndexParams)
-    student: StudentParams = field(default_factory=StudentParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    seed: int = _f(lo=0, hi=2**32 - 1)
+    seeds: list[int] = _f(lo=0, hi=2**32 - 1)
+    tasks: list[str]
+    device: str  # auto | cpu | cuda | cuda:N; resolved by retrikt.device at stage start
+    data: DataParams
+    teacher: TeacherParams
+    prompt_tune: PromptTuneParams
+    rl: RLParams
+    generate: GenerateParams
+    index: IndexParams
+    student: StudentParams
+    evaluate: EvaluateParams
 
     def model_spec(self, key: str) -> ModelSpec:
         """The spec named ``key`` ("generator", "encoder" or an extra one)."""
@@ -303,7 +309,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         kwargs[k] = _convert(v, hints[k], key, fields[k].metadata.get("rng"))
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ParamsError(f"{prefix + '.' if prefix else ''}{name}: missing")
+            raise ParamsError(f"{prefix + '.' if prefix else ''}{name}: missing (params.yaml must set every key)")
     if cls is ModelsParams:
         kwargs["extra"] = extra
     obj = cls(**kwargs)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retrikt.params import RLParams
+
 RewardFn = Callable[[list[str], list[str]], dict[str, Any]]
 """``reward_fn(texts, conditions) -> {"reward": [float] * n, **optional components to log}``."""
 
@@ -123,30 +125,13 @@ class AdaptiveKLController(FixedKLController):
 
 
 # ------------------------------------------------------------------------------------ trainer
-@dataclass
+@dataclass(frozen=True)
 class PPOConfig:
-    """Hyper-parameters of :class:`SoftPromptPPO` (``value_lr`` defaults to ``lr``)."""
+    """What :class:`SoftPromptPPO` reads: the ``rl`` params themselves (params.yaml holds every value;
+    nothing is copied or defaulted here) and the run's seed. ``rl.value_lr`` null means ``rl.lr``."""
 
-    lr: float = 1e-2
-    value_lr: float | None = None
-    batch_size: int = 16
-    mini_batch_size: int = 8
-    ppo_epochs: int = 4
-    clip: float = 0.2
-    clip_value: float = 0.2
-    vf_coef: float = 0.5
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.1
-    adaptive_kl: bool = False
-    target_kl: float = 6.0
-    horizon: int = 10000
-    max_grad_norm: float = 1.0
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    whiten_advantages: bool = True
-    seed: int = 0
+    rl: RLParams
+    seed: int
 
 
 @dataclass
@@ -177,7 +162,8 @@ class SoftPromptPPO:
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: PPOConfig, reward_fn: RewardFn) -> None:
-        self.model, self.tok, self.cfg, self.reward_fn = model, tokenizer, config, reward_fn
+        self.model, self.tok, self.reward_fn = model, tokenizer, reward_fn
+        self.cfg = cfg = config.rl
         self.base = model.get_base_model()
         self.embed = self.base.get_input_embeddings()
         self.seq2seq = bool(getattr(self.base.config, "is_encoder_decoder", False))
@@ -194,14 +180,14 @@ class SoftPromptPPO:
         nn.init.zeros_(self.value_head.bias)
         self.optimizer = torch.optim.Adam(
             [
-                {"params": [self.prompt_weight], "lr": config.lr},
-                {"params": self.value_head.parameters(), "lr": config.value_lr or config.lr},
+                {"params": [self.prompt_weight], "lr": cfg.lr},
+                {"params": self.value_head.parameters(), "lr": cfg.value_lr or cfg.lr},
             ]
         )
         self.kl_ctl = (
-            AdaptiveKLController(config.kl_coef, config.target_kl, config.horizon)
-            if config.adaptive_kl
-            else FixedKLController(config.kl_coef)
+            AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+            if cfg.adaptive_kl
+            else FixedKLController(cfg.kl_coef)
         )
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs an EOS token to end responses")

@@ -91,11 +91,7 @@ def rollout_quality(model, tok, reward: RolloutReward, conditions: list[str], rp
 def _train_ours(model, tok, reward, draw, rp, seed: int, run) -> None:
     from retrikt.rl.ppo import PPOConfig, SoftPromptPPO
 
-    cfg = PPOConfig(lr=rp.lr, batch_size=rp.batch_size, mini_batch_size=rp.mini_batch_size, ppo_epochs=rp.ppo_epochs,
-                    clip=rp.clip, clip_value=rp.clip_value, vf_coef=rp.vf_coef, gamma=rp.gamma, lam=rp.lam,
-                    kl_coef=rp.kl_coef, adaptive_kl=rp.adaptive_kl, target_kl=rp.target_kl,
-                    max_grad_norm=rp.max_grad_norm, max_new_tokens=rp.max_new_tokens, temperature=rp.temperature,
-                    top_p=rp.top_p, seed=seed)
+    cfg = PPOConfig(rp, seed)
     trainer = SoftPromptPPO(model, tok, cfg, reward)
 
     def log_update(i: int, stats: dict) -> None:
@@ -112,10 +108,7 @@ def _train_trl(model, tok, reward, draw, rp, seed: int, run) -> None:
     from retrikt.rl.trl_algos import TrlConfig, train_with_trl
 
     with tempfile.TemporaryDirectory(prefix="retrikt-trl-") as out:
-        cfg = TrlConfig(output_dir=out, lr=rp.lr, max_steps=rp.updates, batch_size=rp.batch_size,
-                        num_generations=rp.num_generations, max_new_tokens=rp.max_new_tokens,
-                        temperature=rp.temperature, top_p=rp.top_p, beta=rp.kl_coef, epsilon=rp.clip,
-                        max_grad_norm=rp.max_grad_norm, seed=seed)
+        cfg = TrlConfig(rp, seed, output_dir=out)
         pool = draw(max(rp.batch_size, 4 * len(reward.cond2label)))
         logs = train_with_trl(rp.algorithm, model, tok, pool, reward, cfg)
     for i, row in enumerate(logs, 1):

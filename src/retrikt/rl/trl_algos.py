@@ -22,30 +22,29 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from retrikt.params import RLParams
 from retrikt.rl.ppo import RewardFn
 
 ALGORITHMS = ("grpo", "rloo")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrlConfig:
-    """Settings mapped onto ``GRPOConfig`` / ``RLOOConfig``; ``extra`` overrides any trl field."""
+    """What :func:`train_with_trl` maps onto ``GRPOConfig`` / ``RLOOConfig``: the ``rl`` params themselves
+    (params.yaml holds every value; nothing is copied or defaulted here), the run's seed and trl's
+    scratch folder. ``num_virtual_tokens`` is needed only to wrap a plain model in a fresh prompt;
+    ``extra`` overrides any trl field.
 
-    output_dir: str = "trl_rl"
-    lr: float = 1e-2
-    max_steps: int = 100
-    batch_size: int = 16  # completions per optimisation step (per device)
-    num_generations: int = 4  # samples per condition (group size)
-    num_iterations: int = 1  # optimisation passes per generated batch
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    beta: float = 0.1  # KL coefficient to the reference (step-1) prompt
-    epsilon: float = 0.2  # clipping
-    max_grad_norm: float = 1.0
-    num_virtual_tokens: int = 20  # only for a plain model (fresh prompt)
-    seed: int = 0
-    bf16: bool = False
+    Mapping: lr -> learning_rate, updates -> max_steps, batch_size -> per_device_train_batch_size
+    (completions per step), num_generations (group size), max_new_tokens -> max_completion_length,
+    temperature, top_p, kl_coef -> beta (KL to the step-1 prompt), clip -> epsilon, max_grad_norm.
+    One optimisation pass per generated batch (trl's num_iterations = 1), fp32.
+    """
+
+    rl: RLParams
+    seed: int
+    output_dir: str
+    num_virtual_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -88,12 +87,13 @@ def train_with_trl(
     else:
         from trl import RLOOConfig as Config, RLOOTrainer as Trainer
 
+    rl = cfg.rl
     fields = dict(
-        output_dir=cfg.output_dir, learning_rate=cfg.lr, max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size, num_generations=cfg.num_generations,
-        num_iterations=cfg.num_iterations, max_completion_length=cfg.max_new_tokens,
-        temperature=cfg.temperature, top_p=cfg.top_p, beta=cfg.beta, epsilon=cfg.epsilon,
-        max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16,
+        output_dir=cfg.output_dir, learning_rate=rl.lr, max_steps=rl.updates,
+        per_device_train_batch_size=rl.batch_size, num_generations=rl.num_generations,
+        num_iterations=1, max_completion_length=rl.max_new_tokens,
+        temperature=rl.temperature, top_p=rl.top_p, beta=rl.kl_coef, epsilon=rl.clip,
+        max_grad_norm=rl.max_grad_norm, seed=cfg.seed, data_seed=cfg.seed, bf16=False,
         disable_dropout=True, logging_steps=1, save_strategy="no", report_to=[],
         lr_scheduler_type="constant", warmup_steps=0,
         # the Trainer moves the model to a visible GPU (cuda:0) unless told otherwise: train where it is
@@ -105,6 +105,8 @@ def train_with_trl(
     args = Config(**{**fields, **cfg.extra})
     model = model_or_peft_model
     if not isinstance(model, PeftModel):
+        if cfg.num_virtual_tokens is None:
+            raise ValueError("a plain model needs TrlConfig.num_virtual_tokens for its fresh prompt")
         fresh = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
         model = get_peft_model(model, fresh)
     if not model.active_peft_config.is_prompt_learning:
@@ -113,7 +115,7 @@ def train_with_trl(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # a step draws batch_size / num_generations distinct rows; tile a small pool so one step fits
-    per_step = max(1, cfg.batch_size // cfg.num_generations)
+    per_step = max(1, rl.batch_size // rl.num_generations)
     pool = list(conditions) * -(-per_step // max(1, len(conditions)))
     trainer = Trainer(
         model=model, reward_funcs=make_trl_reward(reward_fn), args=args,
