@@ -71,6 +71,7 @@ def _project(root: Path, task_name: str, generator: Path, encoder: Path) -> Path
     shutil.copytree(REPO / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     p = yaml.safe_load((REPO / "params.yaml").read_text())
     p["tasks"] = [task_name]
+    p["threads"] = 1  # tiny models: a second thread only thrashes
     p["data"]["mirror_dir"] = str(root / "mirror")
     p["models"]["generator"] = {"name": "tiny-llama", "source": "local", "path": str(generator)}
     p["models"]["encoder"] = {"name": "tiny-bert", "source": "local", "path": str(encoder)}

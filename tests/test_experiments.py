@@ -86,6 +86,7 @@ def _make_repo(root: Path, encoder_dir: Path) -> Path:
     (mirror / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in learnable_rows(24)))
     (mirror / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in learnable_rows(6, 100)))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["threads"] = 1  # tiny models: a second thread only thrashes
     params["data"]["mirror_dir"] = "../mirror"  # relative, like the default: queued copies must find it too
     params["models"]["encoder"] = {"name": "tiny-bert", "source": "local", "path": str(encoder_dir)}
     params["teacher"].update({"epochs": 1, "batch_size": 8, "max_length": 32})

@@ -42,6 +42,39 @@ def set_device(name: str) -> torch.device:
     return device
 
 
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def set_threads(n: int) -> int:
+    """Pin the CPU thread count of every library that computes (params ``threads``), before any compute.
+
+    Results depend on it (reductions split across threads sum in another order), so it is an
+    execution setting fixed per run and recorded, like ``device``. torch's intra-op pool, FAISS's
+    OpenMP and the BLAS numpy and scikit-learn use are set now; the environment variables cover
+    libraries loaded later and child processes.
+    """
+    for var in THREAD_ENV:
+        os.environ[var] = str(n)
+    torch.set_num_threads(n)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except ImportError:  # pragma: no cover - faiss-cpu is a dependency
+        pass
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(n)  # numpy's / scipy's BLAS, already loaded
+    log.info("threads: %d", n)
+    return n
+
+
+def execution_info() -> dict[str, str]:
+    """What a run's numbers depend on besides params and data: recorded with every stage (timings, MLflow tags)."""
+    return {"device": str(_device), "threads": str(torch.get_num_threads()), "torch": torch.__version__,
+            "deterministic": str(torch.are_deterministic_algorithms_enabled()).lower()}
+
+
 def get_device() -> torch.device:
     """The device of :func:`set_device` (the CPU if it was never called)."""
     return _device

@@ -196,6 +196,7 @@ class Params:
     seeds: list[int] = _f(lo=0, hi=2**32 - 1)
     tasks: list[str]
     device: str  # auto | cpu | cuda | cuda:N; resolved by retrikt.device at stage start
+    threads: int = _f(lo=1, hi=1024)  # CPU threads of torch, FAISS and BLAS; pinned at stage start
     data: DataParams
     teacher: TeacherParams
     prompt_tune: PromptTuneParams

@@ -21,4 +21,8 @@ def seed_everything(seed: int) -> None:
     except ImportError:  # pragma: no cover
         return
     torch.manual_seed(seed)
+    # every kernel torch has a deterministic version of uses it (warn_only: the few without one still run);
+    # cuDNN's autotuner would pick kernels by timing, so it stays off
     torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False

@@ -97,8 +97,9 @@ class StageRun:
 
     def __init__(self, stage: str, *, metrics_path: str | os.PathLike | None, task: str | None = None,
                  seed: int | None = None, params: dict | None = None, plots: dict[str, str | os.PathLike] | None = None,
-                 tags: dict[str, str] | None = None):
+                 tags: dict[str, str] | None = None, execution: dict[str, str] | None = None):
         self.stage, self.task, self.seed = stage, task, seed
+        self.execution = dict(execution or {})  # device, threads, torch: recorded in timings and tags
         self.metrics_path = Path(metrics_path) if metrics_path else None
         self.params = params or {}
         self.plot_paths = {k: Path(v) for k, v in (plots or {}).items()}
@@ -145,7 +146,7 @@ class StageRun:
             parent = self._parent_run(client, exp_id)
             commit = git_commit()
             tags = {"stage": self.stage, "git_commit": commit, "mlflow.parentRunId": parent,
-                    "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"), **self.tags}
+                    "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"), **self.execution, **self.tags}
             if self.task:
                 tags["task"] = self.task
             if self.seed is not None:
@@ -219,8 +220,9 @@ class StageRun:
                 atomic_write_json(path, rows)
         if self.metrics_path is not None:
             atomic_write_json(self.metrics_path, self.metrics)
-            if self.timings:
-                atomic_write_json(timings_path(self.metrics_path), self.timings)
+            timings = {**self.timings, **({"execution": self.execution} if self.execution else {})}
+            if timings:
+                atomic_write_json(timings_path(self.metrics_path), timings)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
