@@ -48,14 +48,31 @@ def test_stage_run_writes_dvc_files_and_mlflow(store, tmp_path):
     assert client.get_run(run2.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
 
 
-def test_unreachable_mlflow_warns_once_and_stage_succeeds(tmp_path, monkeypatch):
+def test_unreachable_server_stops_the_stage_before_it_runs(tmp_path, monkeypatch):
+    from retrikt.errors import TrackingError
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    ran = []
+    with pytest.raises(TrackingError, match=r"^MLflow tracking server http://127.0.0.1:9 is unreachable"):
+        with StageRun("teacher", metrics_path=tmp_path / "m.json", task="cb") as run:
+            ran.append(run)
+    assert not ran and not (tmp_path / "m.json").exists()
+    monkeypatch.setenv("RETRIKT_MLFLOW", "0")  # untracked: runs
+    with StageRun("teacher", metrics_path=tmp_path / "m.json", task="cb") as run:
+        run.set_metrics({"accuracy": 0.5})
+    assert read_json(tmp_path / "m.json") == {"accuracy": 0.5}
+
+
+def test_mlflow_failing_after_the_start_warns_once_and_stage_succeeds(tmp_path, monkeypatch):
     monkeypatch.setattr(StageRun, "_mlflow_ok", None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with StageRun("teacher", metrics_path=tmp_path / "m.json", task="cb") as run:
+            def broken(*a, **k):
+                raise ConnectionError("server went away")
+
+            if run._mlflow is not None:
+                run._client.log_batch = broken
             run.set_metrics({"accuracy": 0.5})
     assert read_json(tmp_path / "m.json") == {"accuracy": 0.5}
     assert sum("MLflow tracking disabled" in str(w.message) for w in caught) == 1

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
-class DataError(ValueError):
-    """Malformed input data; the message names the file and line."""
+from retrikt.errors import DataError, MissingInputError
+
+__all__ = ["DataError", "MissingInputError", "atomic_dir", "atomic_write_json", "atomic_write_text", "read_json",
+           "read_jsonl", "read_jsonl_numbered", "write_jsonl"]
 
 
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
@@ -48,36 +50,57 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def _missing(path: Path, what: str | None) -> MissingInputError:
+    return MissingInputError(f"{path}: not found" + (f" ({what})" if what else ""))
+
+
+def read_json(path: str | os.PathLike, missing: str | None = None) -> Any:
+    """A JSON file; a missing file, bad UTF-8 or bad JSON raise one-line DataErrors naming the file.
+    ``missing`` says what to do about a missing file (e.g. "run the index stage first")."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise _missing(path, missing) from None
+    except OSError as e:  # a folder, no permission
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 (byte {e.start}: {e.reason})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
-def read_jsonl_numbered(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """``(line number, row)`` pairs of a JSON Lines file (blank lines skipped); a malformed line raises
-    DataError naming the file and line number."""
+def read_jsonl_numbered(path: str | os.PathLike, missing: str | None = None) -> list[tuple[int, dict]]:
+    """``(line number, row)`` pairs of a JSON Lines file (blank lines skipped); a missing file, a line
+    that is not UTF-8 or not a JSON object raise DataError naming the file (and line number)."""
     path = Path(path)
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise _missing(path, missing) from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    for lineno, raw in enumerate(data.splitlines(keepends=True), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not UTF-8 (byte {e.start} of the line: {e.reason})") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append((lineno, row))
     return rows
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read JSON Lines; a malformed line raises DataError naming the file and line number."""
-    return [row for _, row in read_jsonl_numbered(path)]
+def read_jsonl(path: str | os.PathLike, missing: str | None = None) -> list[dict]:
+    """Read JSON Lines; a missing file or a malformed line raises DataError naming the file and line number."""
+    return [row for _, row in read_jsonl_numbered(path, missing)]
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from retrikt.errors import ModelResolutionError
 from retrikt.io import atomic_dir, atomic_write_json, read_json
 from retrikt.paths import user_path
 from retrikt.params import ModelSpec
@@ -28,10 +29,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 BASE_DIR = Path("models/base")
 META_FILE = "retrikt_model.json"
-
-
-class ModelResolutionError(RuntimeError):
-    """A model spec cannot be resolved (package missing, checksum mismatch, ...)."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -85,8 +82,6 @@ def _auto_class(config):
 
 def _load_source(spec: ModelSpec):
     """Load (model, tokenizer, source description) for a spec, from the registry, the hub or a folder."""
-    import transformers as tf
-
     if spec.source == "registry":
         src = registry_path(spec)
         digest = sha256_file(_weights_file(src))
@@ -109,6 +104,19 @@ def _load_source(spec: ModelSpec):
                                        f"{first}); are you online? else use source: registry or local") from None
         origin = {"hub_id": spec.hub_id, "revision": spec.revision}
 
+    try:
+        model, tok = _load_hf(src)
+    except Exception as e:  # noqa: BLE001 - whatever transformers says about a folder it cannot load
+        lines = str(e).strip().splitlines()
+        raise ModelResolutionError(f"{src}: not a loadable model ({type(e).__name__}: "
+                                   f"{lines[0][:200] if lines else ''})") from None
+    return model, tok, origin
+
+
+def _load_hf(src: Path):
+    """(model, tokenizer) from a GGUF file or a Hugging Face folder, in fp32."""
+    import transformers as tf
+
     if src.is_file() and src.suffix == ".gguf":  # dequantised by transformers into a normal model
         kw = {"gguf_file": src.name}
         tok = tf.AutoTokenizer.from_pretrained(src.parent, **kw)
@@ -120,7 +128,7 @@ def _load_source(spec: ModelSpec):
         config = tf.AutoConfig.from_pretrained(src)
         tok = tf.AutoTokenizer.from_pretrained(src)
         model = _auto_class(config).from_pretrained(src, dtype="float32")
-    return model, tok, origin
+    return model, tok
 
 
 def resolve(spec: ModelSpec, role: str, out_root: Path = BASE_DIR) -> Path:
@@ -178,7 +186,9 @@ def truncate_encoder(model: "torch.nn.Module", num_layers: int) -> "torch.nn.Mod
     if layers is None:
         raise ValueError(f"{type(model).__name__}: no encoder.layer stack to truncate")
     if not 1 <= num_layers <= len(layers):
-        raise ValueError(f"student layers must be within 1..{len(layers)}, got {num_layers}")
+        from retrikt.errors import ParamsError
+
+        raise ParamsError(f"student layers must be within 1..{len(layers)} (the encoder's), got {num_layers}")
     base.encoder.layer = torch.nn.ModuleList(list(layers)[:num_layers])
     model.config.num_hidden_layers = num_layers
     return model

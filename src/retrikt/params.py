@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 
-class ParamsError(ValueError):
-    """Invalid params.yaml; the message is a single line naming the key."""
+from retrikt.errors import ParamsError  # invalid params.yaml; the message is a single line naming the key
 
 
 def _f(*, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Any:
@@ -347,6 +346,25 @@ def _cross_check(p: Params) -> None:
         raise ParamsError("student.retrieval_top_k: must be <= student.retrieval_candidates")
 
 
+def check_against_models(p: Params) -> None:
+    """Checks that need a resolved model (``models/base/<role>/config.json``, plain JSON): the student
+    sizes must fit the encoder they are cut from. Skipped while the encoder is not resolved yet; the CLI
+    runs it in check-params and at every stage's start, before any compute."""
+    import json
+
+    from retrikt.paths import base_model
+
+    config = base_model("encoder") / "config.json"
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # not resolved yet, or broken: resolve_model / the stage says so
+        return
+    n = next((cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(cfg.get(k), int)), None)
+    for i, layers in enumerate(p.student.layers):
+        if n is not None and layers > n:
+            raise ParamsError(f"student.layers[{i}]: {layers} layers, but the encoder ({config.parent}) has {n}")
+
+
 def parse_params(raw: Any) -> Params:
     """Validate a raw mapping (as read from YAML) into :class:`Params`."""
     p = _build(Params, raw, "")
@@ -362,7 +380,11 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     if not path.exists():
         raise ParamsError(f"{path}: not found (run from the repository root)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path}: not UTF-8 (byte {e.start}: {e.reason})") from None
+    except IsADirectoryError:
+        raise ParamsError(f"{path}: a folder, not a params file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -19,7 +19,7 @@ import numpy as np
 
 from retrikt import store
 from retrikt.classifier import META, Classifier
-from retrikt.io import DataError, read_json, read_jsonl
+from retrikt.io import DataError, MissingInputError, read_json, read_jsonl
 from retrikt.tasks import Task, get_task
 
 STORE_SUBDIR = "store"
@@ -69,12 +69,15 @@ def load_student(folder: str | Path) -> Student:
     folder = Path(folder)
     meta = read_json(folder / META) if (folder / META).exists() else {}
     if "method" not in meta:
-        raise FileNotFoundError(f"{folder}: not a student folder (no {META} naming a method)")
+        raise MissingInputError(f"{folder}: not a student folder (no {META} naming a method)")
     clf = Classifier.load(folder)
     if meta.get("method") != "retrikt":
         return Student(clf, meta)
     index, ids, _ = store.load_index(folder / STORE_SUBDIR)
     entries = read_jsonl(folder / STORE_SUBDIR / "entries.jsonl")
+    if sorted(e.get("id") for e in entries if isinstance(e.get("id"), int)) != list(range(len(entries))) \
+            or not set(ids.tolist()) <= set(range(len(entries))):
+        raise DataError(f"{folder / STORE_SUBDIR}: the index ids do not match the entries' ids 0..{len(entries) - 1}")
     return Student(clf, meta, index, ids, entries, store.soft_labels(entries))
 
 

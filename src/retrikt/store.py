@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from retrikt import paths
-from retrikt.io import DataError, atomic_dir, atomic_write_json, read_json, read_jsonl
+from retrikt.io import DataError, MissingInputError, atomic_dir, atomic_write_json, read_json, read_jsonl
 from retrikt.models import sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,7 +51,7 @@ def load_entries(task: str, path: str | Path | None = None) -> list[dict]:
 
     path = Path(path) if path is not None else entries_file(task)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no store entries (run the generate stage first)")
+        raise MissingInputError(f"{path}: no store entries (run the generate stage first)")
     rows = read_jsonl(path)
     if not rows:
         raise DataError(f"{path}: the store is empty")
@@ -144,10 +144,19 @@ def load_index(folder: str | Path) -> tuple["faiss.Index", np.ndarray, dict]:
 
     folder = Path(folder)
     if not (folder / "index.faiss").exists():
-        raise FileNotFoundError(f"{folder}: no index.faiss (run the index stage first)")
-    index = faiss.read_index(str(folder / "index.faiss"))
-    ids = np.asarray(read_json(folder / "ids.json"), dtype=np.int64)
-    meta = read_json(folder / "meta.json")
+        raise MissingInputError(f"{folder}: no index.faiss (run the index stage first)")
+    try:
+        index = faiss.read_index(str(folder / "index.faiss"))
+    except RuntimeError as e:  # FAISS's own message is a C++ stack of several lines
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        first = first.split("Error: ", 1)[-1][:160]  # FAISS: "Error in <signature> at <file>: Error: '<what>'"
+        raise DataError(f"{folder / 'index.faiss'}: not a readable FAISS index, truncated or corrupt? "
+                        f"({first}); re-run the index stage") from None
+    ids = read_json(folder / "ids.json", "run the index stage first")
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise DataError(f"{folder / 'ids.json'}: expected a JSON list of entry ids (integers >= 0)")
+    ids = np.asarray(ids, dtype=np.int64)
+    meta = read_json(folder / "meta.json", "run the index stage first")
     if len(ids) != index.ntotal:
         raise DataError(f"{folder}: ids.json has {len(ids)} ids, the index {index.ntotal} vectors")
     return index, ids, meta
@@ -179,5 +188,9 @@ def load_embeddings(folder: str | Path) -> np.ndarray:
     """The ``embeddings.npy`` saved next to an index (row i = index row i)."""
     path = Path(folder) / "embeddings.npy"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing (run the index stage first)")
-    return np.load(path)
+        raise MissingInputError(f"{path}: missing (run the index stage first)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:  # truncated or not an .npy file
+        raise DataError(f"{path}: not a readable .npy array, truncated or corrupt? ({e}); "
+                        "re-run the index stage") from None
