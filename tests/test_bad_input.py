@@ -51,6 +51,11 @@ def base_project(tmp_path_factory, tiny_encoder_dir):
         params = make_tiny_repo(tiny_encoder_dir, n_train=24, n_val=9, n_store=12, epochs=1, retrieval_candidates=8,
                                 retrieval_top_k=4)
         run_student(params, "retrikt")
+        from retrikt.models import resolve
+        from retrikt.params import ModelSpec
+
+        os.unlink("models/base/encoder")  # a symlink: resolve it as the pipeline does (retrikt_model.json)
+        resolve(ModelSpec(name="tiny-bert", source="local", path=str(tiny_encoder_dir)), "encoder")
         rng = random.Random(1)
         for split, n in (("train", 12), ("validation", 6)):
             rows = keyword_rows(n, rng)

@@ -161,3 +161,23 @@ def test_invalid_yaml_is_one_line(tmp_path):
     bad.write_text("seed: [0\n")
     with pytest.raises(ParamsError, match="invalid YAML"):
         load_params(bad)
+
+
+def test_student_layers_are_checked_against_the_resolved_encoder_only(tmp_path, monkeypatch):
+    import json
+
+    from retrikt.params import check_against_models
+
+    monkeypatch.chdir(tmp_path)
+    p = parse_params(_with("student.layers", [2, 8]))
+    check_against_models(p)  # nothing resolved yet: nothing to check
+    enc = tmp_path / "models/base/encoder"
+    enc.mkdir(parents=True)
+    (enc / "config.json").write_text(json.dumps({"num_hidden_layers": 6}))
+    spec = RAW["models"]["encoder"]
+    (enc / "retrikt_model.json").write_text(json.dumps({"name": spec["name"], "source": spec["source"]}))
+    with pytest.raises(ParamsError, match=r"^student.layers\[1\]: 8 layers, but the encoder .* has 6$"):
+        check_against_models(p)
+    check_against_models(parse_params(_with("student.layers", [2, 6])))
+    (enc / "retrikt_model.json").write_text(json.dumps({"name": "another-model", "source": "hub"}))
+    check_against_models(p)  # a folder from another spec: resolve_model replaces it first

@@ -357,8 +357,12 @@ def check_against_models(p: Params) -> None:
     config = base_model("encoder") / "config.json"
     try:
         cfg = json.loads(config.read_text(encoding="utf-8"))
+        made = json.loads((config.parent / "retrikt_model.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):  # not resolved yet, or broken: resolve_model / the stage says so
         return
+    spec = p.models.encoder
+    if (made.get("name"), made.get("source")) != (spec.name, spec.source):
+        return  # resolved from another spec: resolve_model will replace it, then the stages check
     n = next((cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(cfg.get(k), int)), None)
     for i, layers in enumerate(p.student.layers):
         if n is not None and layers > n:
