@@ -1,7 +1,8 @@
 """Atomic file output and JSONL helpers shared by every stage.
 
 A stage that is killed mid-write must never leave a half-written file behind: everything is written
-to a temporary sibling first and moved into place with ``os.replace`` (atomic on POSIX).
+to a temporary sibling first and moved into place with ``os.replace`` (atomic on POSIX). What a
+killed writer left (its temporary sibling) is removed the next time that output is written.
 """
 
 from __future__ import annotations
@@ -21,7 +22,20 @@ __all__ = ["DataError", "MissingInputError", "atomic_dir", "atomic_write_json", 
            "read_jsonl", "read_jsonl_numbered", "write_jsonl"]
 
 
+def _clear_stale(path: Path) -> None:
+    """Remove what a killed writer of ``path`` left: its temporary siblings (``.<name>.*.tmp``) and
+    the previous version it was replacing (``.<name>.old``). One writer per output at a time (DVC
+    locks a stage's outputs), so whatever is there is stale."""
+    import re
+
+    stale = re.compile(rf"\.{re.escape(path.name)}\.([a-z0-9_]{{8}}\.tmp|old)")  # mkstemp/mkdtemp: 8 random chars
+    for p in path.parent.glob(f".{path.name}.*"):
+        if stale.fullmatch(p.name):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
+    _clear_stale(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
     return Path(name)
@@ -112,6 +126,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
