@@ -4,6 +4,7 @@ for determinism)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -15,7 +16,7 @@ import retrikt.generate as gen_mod
 from retrikt import paths
 from retrikt.generate import GenerationError, dedupe, draw_labels, generate, jaccard, label_prior, word_ngrams
 from retrikt.generator import Samples, attach_prompt, source_text, target_text
-from retrikt.io import read_json, read_jsonl
+from retrikt.io import read_json, read_jsonl, write_jsonl
 from retrikt.models import load_generator
 from retrikt.tasks import get_task
 
@@ -78,28 +79,30 @@ CONTROLLED = [
     NEW_B.replace("asleep", "sleeping"),                               # 3 near duplicate of 1
     target_text(CB, TRAIN[2]),                                         # 4 copy of a train row
     "premise:   the cat sat all day .\nhypothesis: A cat is sitting .",  # 5 copy of a validation row
-    "hello world, no fields here",                                     # 6 unparsable
-    "premise: only a premise .",                                       # 7 unparsable (no hypothesis)
+    "hello world, no fields here",                                     # 6 unfinished (cut by the budget)
+    "premise: only a premise .",                                       # 7 missing_field
     _cb("it was a good film .", "the film was good ."),                # 8 kept
     _cb("the movie was great .", "the review is positive ."),          # 9 kept
     _cb("the dog sat .", "a dog is sitting .") + "</s>premise: junk",  # 10 kept (text after EOS ignored)
-    "",                                                                # 11 unparsable
+    _cb("a sample cut by the budget .", "it parses ."),                # 11 unfinished: never stored
+    _cb("the bird sang .", "a bird made a sound .") + "\nlabel: 0",    # 12 extra_text after the last field
 ]
+UNFINISHED = (6, 11)
 
 
 @pytest.fixture
 def controlled_repo(tiny_causal_dir, tiny_encoder_dir, in_tmp_repo, monkeypatch):
     """A tmp repo with a tiny generator, prompt and teacher; sampling returns CONTROLLED in order
-    (samples 1 and 6 flagged as cut off by max_new_tokens)."""
+    (samples UNFINISHED flagged as cut off by max_new_tokens)."""
     lay_out_repo(tiny_causal_dir, tiny_encoder_dir)
     model, _ = load_generator(paths.base_model("generator"))
     attach_prompt(model, 2, "random", "", paths.base_model("generator")).save_pretrained(paths.prompt("cb"))
-    calls: list[list[str]] = []
+    calls: list[tuple[list[str], dict]] = []
 
     def fake_sample(model, tok, sources, **kw):
-        calls.append(list(sources))
+        calls.append((list(sources), kw))
         n = len(sources)
-        return Samples(CONTROLLED[:n], [i not in (1, 6) for i in range(n)], tokens=10 * n)
+        return Samples(CONTROLLED[:n], [i not in UNFINISHED for i in range(n)], tokens=10 * n)
 
     monkeypatch.setattr(gen_mod, "sample_full", fake_sample)
     return calls
@@ -111,19 +114,25 @@ def _run_generate(params, monkeypatch):
 
 
 def test_generate_counts_dedupes_and_deleaks(controlled_repo, monkeypatch):
-    params = make_params(generate={"num_samples": len(CONTROLLED), "near_dup_threshold": 0.5})
+    params = make_params(generate={"num_samples": len(CONTROLLED), "near_dup_threshold": 0.5, "min_entries": 5})
     metrics, run = _run_generate(params, monkeypatch)
-    (sources,) = controlled_repo
+    ((sources, kw),) = controlled_repo
 
-    assert metrics["samples"] == 12 and metrics["parsed"] == 9 and metrics["parse_rate"] == pytest.approx(9 / 12)
+    assert metrics["samples"] == 13 and metrics["complete_parsed"] == 9
+    assert metrics["parse_rate"] == pytest.approx(9 / 13) and metrics["finished_rate"] == pytest.approx(11 / 13)
+    assert metrics["parse_failures"] == {"unfinished": 2, "missing_field": 1, "extra_text": 1, "unlocated_span": 0,
+                                         "invalid": 0}
     assert (metrics["leaked_train"], metrics["leaked_validation"], metrics["leaked_removed"]) == (1, 1, 2)
     assert (metrics["exact_duplicates"], metrics["near_duplicates"]) == (1, 1)
-    assert metrics["exact_duplicate_rate"] == pytest.approx(1 / 9)
     assert metrics["size"] == 5 and metrics["prompt"] == "prompt_tune" and metrics["teacher_filtered"] == 0
     assert sum(metrics["label_counts"].values()) == 5 and set(metrics["label_counts"]) == set(CB.labels)
-    assert 0.0 <= metrics["self_bleu"] <= 1.0 and metrics["self_bleu_entries"] == 5
-    assert metrics["truncated_rate"] == pytest.approx(2 / 12) and metrics["truncated_in_store"] == 1
-    assert metrics["generated_tokens"] == 120 and set(run.timings) == {"generation_seconds", "tokens_per_second"}
+    assert sum(metrics["teacher_label_counts"].values()) == 5
+    assert 0.0 <= metrics["self_bleu"] <= 1.0 and 0.0 <= metrics["self_bleu_train"] <= 1.0
+    assert metrics["self_bleu_rows"] == 5 and metrics["truncated_in_store"] == 0
+    assert metrics["generated_tokens"] == 130 and set(run.timings) == {"generation_seconds", "tokens_per_second"}
+    # max_new_tokens: auto, sized from the train rows and passed to the sampler
+    assert metrics["max_new_tokens"] == kw["max_new_tokens"] > max(target_lengths_of(TRAIN))
+    assert set(metrics["length_tokens"]) == {"p05", "median", "p95"} == set(metrics["length_tokens_train"])
 
     entries = read_jsonl(paths.store("cb") / "entries.jsonl")
     assert [e["id"] for e in entries] == list(range(5))
@@ -143,29 +152,64 @@ def test_generate_counts_dedupes_and_deleaks(controlled_repo, monkeypatch):
     assert "the cat sat on the mat all day long" in preview
 
 
-def test_generate_filter_by_teacher_and_ppo_prompt(controlled_repo, monkeypatch):
+def target_lengths_of(rows):
+    from retrikt.generator import load_tokenizer, target_lengths
+
+    return target_lengths(load_tokenizer(paths.base_model("generator")), CB, rows)
+
+
+def test_generate_filter_by_teacher_and_rl_prompt(controlled_repo, monkeypatch):
     model, _ = load_generator(paths.base_model("generator"))
     attach_prompt(model, 2, "random", "", paths.base_model("generator")).save_pretrained(paths.ppo("cb"))
-    params = make_params(generate={"num_samples": 12, "near_dup_threshold": 0.5, "filter_by_teacher": True})
+    params = make_params(generate={"num_samples": 13, "near_dup_threshold": 0.5, "filter_by_teacher": True,
+                                   "min_entries": 1})
     metrics, _ = _run_generate(params, monkeypatch)
     entries = read_jsonl(paths.store("cb") / "entries.jsonl")
-    assert metrics["prompt"] == "ppo"
+    assert metrics["prompt"] == "rl"
     assert metrics["size"] + metrics["teacher_filtered"] == 5
-    assert metrics["teacher_agreement"] == pytest.approx(metrics["size"] / 5)
+    assert metrics["teacher_agreement"] == 1.0  # over the kept entries
     assert all(int(np.argmax(e["soft_label"])) == e["label"] for e in entries)
 
-    off = make_params(generate={"num_samples": 12, "near_dup_threshold": 0.5}, rl={"enabled": False})
+    off = make_params(generate={"num_samples": 13, "near_dup_threshold": 0.5, "min_entries": 1}, rl={"enabled": False})
     assert _run_generate(off, monkeypatch)[0]["prompt"] == "prompt_tune"
 
 
-def test_generate_empty_store_is_a_clear_error(controlled_repo, monkeypatch):
+def test_generate_store_below_the_minimum_is_a_clear_error(controlled_repo, monkeypatch):
     monkeypatch.setattr(gen_mod, "sample_full",
-                        lambda model, tok, sources, **kw: Samples(["garbage"] * len(sources), [True] * len(sources), 7))
-    with pytest.raises(GenerationError, match=r"^generate: 0 of 7 samples survived parsing/dedup \(0 parsed, 0 copies of "
-                                              r"train/validation rows\); raise "
-                                              r"generate.num_samples or train the prompt longer$"):
-        _run_generate(make_params(generate={"num_samples": 7}), monkeypatch)
+                        lambda model, tok, sources, **kw: Samples(["garbage"] * len(sources),
+                                                                  [i > 1 for i in range(len(sources))], 7))
+    with pytest.raises(GenerationError, match=r"^generate: a store of 0 entries is below generate.min_entries \(2\): "
+                                              r"0 of 7 samples complete and parsed, 2 unfinished at max_new_tokens "
+                                              r"\d+, 0 copies of train/validation rows, 0 duplicates; raise "
+                                              r"generate.num_samples or tune the prompt longer$"):
+        _run_generate(make_params(generate={"num_samples": 7, "min_entries": 2}), monkeypatch)
     assert not (paths.store("cb") / "entries.jsonl").exists()
+
+
+def test_generate_minimum_counts_the_clean_store(controlled_repo, monkeypatch):
+    with pytest.raises(GenerationError, match="a store of 5 entries is below generate.min_entries \\(6\\)"):
+        _run_generate(make_params(generate={"num_samples": 13, "near_dup_threshold": 0.5, "min_entries": 6}),
+                      monkeypatch)
+
+
+def test_oracle_store_is_real_spare_rows_without_their_labels(tiny_causal_dir, tiny_encoder_dir, in_tmp_repo,
+                                                              monkeypatch):
+    lay_out_repo(tiny_causal_dir, tiny_encoder_dir)
+    spare = [{"premise": f"spare premise number {i} .", "hypothesis": f"spare hypothesis {i} .", "label": i % 3,
+              "idx": 100 + i} for i in range(6)]
+    spare.append({**TRAIN[0], "idx": 200})  # a copy of a training row: still de-leaked
+    write_jsonl(paths.spare_file("cb"), spare)
+    params = make_params(generate={"source": "oracle", "num_samples": 5, "min_entries": 1})
+    metrics, run = _run_generate(params, monkeypatch)
+    entries = read_jsonl(paths.store("cb") / "entries.jsonl")
+    assert metrics["prompt"] == "oracle" and metrics["samples"] == 5 and run.timings == {}
+    assert metrics["size"] + metrics["leaked_train"] == 5 and "teacher_agreement" not in metrics
+    assert all(e["label"] is None and "idx" not in e for e in entries)
+    spare_inputs = {(r["premise"], r["hypothesis"]) for r in spare}
+    assert all((e["premise"], e["hypothesis"]) in spare_inputs for e in entries)
+    write_jsonl(paths.spare_file("cb"), [])
+    with pytest.raises(GenerationError, match="set data.train_limit"):
+        _run_generate(params, monkeypatch)
 
 
 def test_generate_without_a_prompt_says_which_stage(tiny_causal_dir, in_tmp_repo, monkeypatch):
@@ -200,11 +244,16 @@ def test_generate_is_deterministic_with_real_sampling(fitted_generator, tiny_enc
     lay_out_repo(fitted_generator, tiny_encoder_dir)
     model, _ = load_generator(paths.base_model("generator"))
     attach_prompt(model, 2, "text", "the", paths.base_model("generator")).save_pretrained(paths.prompt("cb"))
-    params = make_params(generate={"num_samples": 12, "batch_size": 5, "max_new_tokens": 40})
+    params = make_params(generate={"num_samples": 12, "batch_size": 5, "max_new_tokens": 40, "min_entries": 3,
+                                   "dtype": "float32"})
     store = paths.store("cb") / "entries.jsonl"
     first, _ = _run_generate(params, monkeypatch)
     data = store.read_bytes()
     second, _ = _run_generate(params, monkeypatch)
     assert store.read_bytes() == data and first == second
+    # the decode slots are an execution detail: another batch size writes the same store
+    wide, _ = _run_generate(make_params(generate={**dataclasses.asdict(params.generate), "batch_size": 12}),
+                            monkeypatch)
+    assert store.read_bytes() == data and wide == first
     assert first["parse_rate"] > 0.5 and first["size"] >= 3
     assert [json.loads(line)["id"] for line in data.splitlines()] == list(range(first["size"]))

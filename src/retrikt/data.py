@@ -5,7 +5,9 @@ Source, in order: ``data.mirror_dir`` (a local mirror in the HF ``datasets`` JSO
 ``$RETRIKT_DATA_DIR``, else the Hugging Face hub through ``datasets`` (online users only).
 
 Low-resource option: ``data.train_limit`` keeps a stratified, seeded subsample of train (original
-order kept). Writes the two splits and a data card (counts, label distribution, content hash).
+order kept). Writes the two splits, ``spare.jsonl`` (the train rows the limit left out: the source of
+``generate.source: oracle``; empty without a limit) and a data card (counts, label distribution,
+content hash of the two splits).
 """
 
 from __future__ import annotations
@@ -98,10 +100,18 @@ def prepare(params: Params, task_name: str, run=None) -> dict:
     task = get_task(task_name)
     mirror = data_dir(params)
     limits = {"train": params.data.train_limit, "validation": params.data.validation_limit}
-    splits = {s: stratified_subsample(load_split(task, s, mirror), limits[s], params.seed) for s in SPLITS}
+    full = {s: load_split(task, s, mirror) for s in SPLITS}
+    splits = {s: stratified_subsample(full[s], limits[s], params.seed) for s in SPLITS}
+    for name in SPLITS:
+        if not splits[name]:
+            raise DataError(f"{task.name}: the {name} split has no rows")
+    kept = {id(r) for r in splits["train"]}
+    spare = [r for r in full["train"] if id(r) not in kept]  # train rows outside the low-resource subset
     files = [write_jsonl(paths.split_file(task.name, s), splits[s]) for s in SPLITS]
+    write_jsonl(paths.spare_file(task.name), spare)
     info = card(task, splits, files, source=str(mirror) if mirror else f"hub:{task.hf_path}/{task.hf_config}")
     atomic_write_json(paths.processed(task.name) / "card.json", info)
     if run is not None:
-        run.set_metrics({"train_rows": len(splits["train"]), "validation_rows": len(splits["validation"])})
+        run.set_metrics({"train_rows": len(splits["train"]), "validation_rows": len(splits["validation"]),
+                         "spare_rows": len(spare)})
     return info

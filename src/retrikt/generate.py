@@ -1,24 +1,35 @@
-"""`generate` stage (RetriKT step 3): sample a knowledge store of soft-labelled task examples.
+"""`generate` stage (RetriKT step 3): build the knowledge store of soft-labelled task examples.
 
-1. Prompt: the PPO-tuned soft prompt (``models/<task>/ppo``) when ``rl.enabled`` and it exists,
+``generate.source: llm`` (the method):
+
+1. Prompt: the RL-tuned soft prompt (``models/<task>/ppo``) when ``rl.enabled`` and it was kept,
    else the step-1 prompt (``models/<task>/prompt``).
 2. Conditioning labels: ``generate.num_samples`` of them, balanced (equal per label, remainder to
    the first labels) or drawn from the train label prior; seeded, shuffled.
-3. Sample, parse (``task.parse``; unparsable samples are dropped), remove copies of train or
-   validation examples (no leakage into the store), exact duplicates and near duplicates (Jaccard
-   over word 3-grams >= ``near_dup_threshold`` against an entry already kept; the first is kept).
-   Comparisons use the normalised serialisation (lower case, whitespace collapsed).
-   Samples cut off by ``max_new_tokens`` (no EOS) are kept if they parse; ``truncated_rate`` and
-   ``truncated_in_store`` count them (a high rate: the prompt has not learned to stop, or
-   max_new_tokens is too small for the task).
-4. The reward model (the task teacher) gives every entry soft labels; with
-   ``filter_by_teacher`` only entries whose teacher argmax equals the conditioning label stay.
+3. Sample (:mod:`retrikt.sampling`: ``generate.batch_size`` decode slots, compute ``generate.dtype``,
+   ``max_new_tokens`` as given or ``auto``, sized from the task's train rows), then keep a sample only
+   if it ended with EOS (a sample cut by the budget is ``unfinished``: never in the store) and parses
+   strictly (:meth:`retrikt.tasks.Task.read`: exactly the serialisation's lines; the failure reasons
+   are counted).
+
+``generate.source: oracle`` (a diagnostic beyond the paper): the entries are real train rows that
+``data.train_limit`` left out (``spare.jsonl``), at most ``num_samples`` of them (seeded), their gold
+labels dropped. It separates "is the generated store good enough" from "does retrieval beat KD given
+a good store".
+
+Then, for both sources: remove copies of train or validation examples (no leakage into the store),
+exact duplicates and near duplicates (Jaccard over word 3-grams >= ``near_dup_threshold`` against an
+entry already kept; the first is kept), comparing normalised serialisations. The reward model (the
+task teacher) gives every entry soft labels; with ``filter_by_teacher`` only entries whose teacher
+argmax equals the conditioning label stay. A store smaller than ``generate.min_entries`` stops the
+stage with one line giving the parse and truncation rates.
 
 Writes ``data/store/<task>/entries.jsonl`` (``id`` 0..N-1, the task's input fields, ``label`` = the
-conditioning label, ``soft_label`` = teacher probabilities, ``text`` = the raw sample),
-``stats.json`` (= the stage metrics; wall-clock numbers go to ``run.set_timings`` only, so the
-folder is byte-identical for a given seed) and ``preview.md`` (the first 20 entries). An empty store
-is an error (:class:`GenerationError`): the index and the retrieval students need entries.
+conditioning label (null for oracle entries), ``soft_label`` = teacher probabilities, ``text`` = the
+raw sample), ``stats.json`` (= the stage metrics; wall-clock numbers go to ``run.set_timings`` only,
+so the folder is byte-identical for a given seed, device, dtype and thread count) and ``preview.md``.
+Metrics include the store's self-BLEU next to that of as many real train rows, and the length
+distribution (generator tokens) of the store next to the train split's.
 """
 
 from __future__ import annotations
@@ -33,11 +44,11 @@ import numpy as np
 
 from retrikt import paths
 from retrikt.classifier import Classifier
-from retrikt.generator import load_with_prompt, sample_full, source_text
-from retrikt.io import DataError, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+from retrikt.generator import length_budget, load_tokenizer, load_with_prompt, sample_full, source_text, target_lengths
+from retrikt.io import DataError, MissingInputError, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 from retrikt.params import Params
 from retrikt.rl.rewards import corpus_self_bleu
-from retrikt.tasks import Task, get_task
+from retrikt.tasks import PARSE_FAILURES, Task, get_task
 
 log = logging.getLogger(__name__)
 SELF_BLEU_MAX = 200  # self-BLEU is O(n^2): computed on a seeded sample of at most this many entries
@@ -111,28 +122,27 @@ def label_prior(rows: Sequence[dict], num_labels: int) -> list[float]:
     return [counts[lab] / max(1, len(rows)) for lab in range(num_labels)]
 
 
-def clean_samples(task: Task, texts: Sequence[str], train: Sequence[dict], validation: Sequence[dict],
-                  threshold: float) -> tuple[list[tuple[int, dict]], dict[str, int]]:
-    """Parse, de-leak and dedupe samples: the surviving ``(sample index, example)`` pairs, in order, and
-    the counts ``parsed``, ``leaked_train``, ``leaked_validation``, ``exact_duplicates``, ``near_duplicates``.
+def clean_examples(task: Task, examples: Sequence[dict], train: Sequence[dict], validation: Sequence[dict],
+                   threshold: float) -> tuple[list[int], dict[str, int]]:
+    """De-leak and dedupe parsed examples: the indices that survive, in order, and the counts
+    ``leaked_train``, ``leaked_validation``, ``exact_duplicates``, ``near_duplicates``.
 
     Leakage is checked first (every copy of a train/validation example counts as leaked), then exact
     and near duplicates among the rest.
     """
-    parsed = [(i, ex) for i, ex in enumerate(task.parse(t) for t in texts) if ex is not None]
     known = {split: {normalise(task.serialise(r)) for r in rows}
              for split, rows in (("train", train), ("validation", validation))}
-    counts = {"parsed": len(parsed), "leaked_train": 0, "leaked_validation": 0}
+    counts = {"leaked_train": 0, "leaked_validation": 0}
     clean = []
-    for i, ex in parsed:
+    for i, ex in enumerate(examples):
         key = normalise(task.serialise(ex))
         split = next((s for s, keys in known.items() if key in keys), None)
         if split:
             counts[f"leaked_{split}"] += 1
         else:
-            clean.append((i, ex))
+            clean.append(i)
     unique, counts["exact_duplicates"], counts["near_duplicates"] = dedupe(
-        [task.serialise(ex) for _, ex in clean], threshold)
+        [task.serialise(examples[i]) for i in clean], threshold)
     return [clean[k] for k in unique], counts
 
 
@@ -140,73 +150,136 @@ def _preview(task: Task, entries: list[dict]) -> str:
     parts = [f"# Store preview: {task.name} (first {min(PREVIEW, len(entries))} of {len(entries)} entries)\n"]
     for e in entries[:PREVIEW]:
         probs = ", ".join(f"{name} {p:.2f}" for name, p in zip(task.labels, e["soft_label"]))
-        parts.append(f"## {e['id']}: conditioned on {task.labels[e['label']]} (teacher: {probs})\n\n"
+        cond = f"conditioned on {task.labels[e['label']]}" if e["label"] is not None else "real train row"
+        parts.append(f"## {e['id']}: {cond} (teacher: {probs})\n\n"
                      f"```\n{task.serialise(e)}\n```\n")
     return "\n".join(parts)
 
 
 # ------------------------------------------------------------------------------ the stage
+def _quantiles(values: Sequence[float]) -> dict[str, float]:
+    if not len(values):
+        return {"median": 0.0, "p05": 0.0, "p95": 0.0}
+    q = np.percentile(np.asarray(values, dtype=float), [5, 50, 95])
+    return {"p05": float(q[0]), "median": float(q[1]), "p95": float(q[2])}
+
+
+def _self_bleu_sample(task: Task, rows: Sequence[dict], seed: int) -> tuple[float, int]:
+    """Self-BLEU of the serialisations of at most SELF_BLEU_MAX rows (seeded sample)."""
+    serials = [task.serialise(r) for r in rows]
+    if len(serials) > SELF_BLEU_MAX:
+        serials = random.Random(seed).sample(serials, SELF_BLEU_MAX)
+    return corpus_self_bleu(serials), len(serials)
+
+
+def _sample_llm(params: Params, task: Task, train: list[dict], run) -> tuple[list[tuple[dict, int | None, str]],
+                                                                            dict, dict]:
+    """LLM samples that ended and parsed: ``(example, conditioning label, raw text)``, counts, timings."""
+    gp = params.generate
+    use_rl = params.rl.enabled and (paths.ppo(task.name) / "adapter_config.json").exists()
+    adapter = paths.ppo(task.name) if use_rl else paths.prompt(task.name)
+    if not (adapter / "adapter_config.json").exists():
+        raise MissingInputError(f"{adapter}: no soft prompt (run the prompt_tune stage first)")
+    model, tok = load_with_prompt(paths.base_model("generator"), adapter)
+    budget = length_budget(gp.max_new_tokens, tok, task, train)
+    labels = draw_labels(gp.num_samples, task.num_labels, gp.balance, label_prior(train, task.num_labels),
+                         params.seed)
+    log.info("generate: %d samples from %s (max_new_tokens %d, %s)", len(labels), adapter, budget, gp.dtype)
+    t0 = time.time()
+    drawn = sample_full(model, tok, [source_text(task, lab) for lab in labels], max_new_tokens=budget,
+                        temperature=gp.temperature, top_p=gp.top_p, batch_size=gp.batch_size, seed=params.seed,
+                        dtype=gp.dtype)
+    seconds = time.time() - t0
+    del model
+    failures = Counter({"unfinished": drawn.finished.count(False)})
+    kept = []
+    for text, done, lab in zip(drawn.texts, drawn.finished, labels):
+        if not done:
+            continue
+        ex, why = task.read(text)
+        if ex is None:
+            failures[why] += 1
+        else:
+            kept.append((ex, lab, text))
+    counts = {"prompt": "rl" if use_rl else "prompt_tune", "samples": len(labels), "max_new_tokens": budget,
+              "finished_rate": 1 - failures["unfinished"] / max(1, len(labels)),
+              "parse_failures": {k: failures[k] for k in ("unfinished", *PARSE_FAILURES)},
+              "generated_tokens": drawn.tokens}
+    timings = {"generation_seconds": seconds, "tokens_per_second": drawn.tokens / max(seconds, 1e-9)}
+    return kept, counts, timings
+
+
+def _sample_oracle(params: Params, task: Task) -> tuple[list[tuple[dict, int | None, str]], dict, dict]:
+    """Real train rows outside the low-resource subset, gold labels dropped (seeded, at most num_samples)."""
+    spare = read_jsonl(paths.spare_file(task.name))
+    if not spare:
+        raise GenerationError(f"generate: source oracle needs train rows outside the training subset, but "
+                              f"{paths.spare_file(task.name)} is empty; set data.train_limit below the train size")
+    if len(spare) > params.generate.num_samples:
+        spare = random.Random(params.seed).sample(spare, params.generate.num_samples)
+    kept = [({f: r[f] for f in task.input_fields}, None, task.serialise(r)) for r in spare]
+    return kept, {"prompt": "oracle", "samples": len(kept)}, {}
+
+
 def generate(params: Params, task_name: str, run) -> dict:
     task, gp = get_task(task_name), params.generate
     train = read_jsonl(paths.split_file(task.name, "train"))
     validation = read_jsonl(paths.split_file(task.name, "validation"))
-    use_ppo = params.rl.enabled and (paths.ppo(task.name) / "adapter_config.json").exists()
-    adapter = paths.ppo(task.name) if use_ppo else paths.prompt(task.name)
-    if not (adapter / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{adapter}: no soft prompt (run the prompt_tune stage first)")
-    model, tok = load_with_prompt(paths.base_model("generator"), adapter)
+    if gp.source == "oracle":
+        drawn, counts, timings = _sample_oracle(params, task)
+    else:
+        drawn, counts, timings = _sample_llm(params, task, train, run)
+    n_samples = counts["samples"]
 
-    labels = draw_labels(gp.num_samples, task.num_labels, gp.balance, label_prior(train, task.num_labels),
-                         params.seed)
-    log.info("generate: %d samples from %s", len(labels), adapter)
-    t0 = time.time()
-    drawn = sample_full(model, tok, [source_text(task, lab) for lab in labels], max_new_tokens=gp.max_new_tokens,
-                        temperature=gp.temperature, top_p=gp.top_p, batch_size=gp.batch_size, seed=params.seed)
-    seconds, texts = time.time() - t0, drawn.texts
-    del model
-
-    cands, counts = clean_samples(task, texts, train, validation, gp.near_dup_threshold)
-    proba = Classifier.load(paths.teacher(task.name)).predict_proba([ex for _, ex in cands]) if cands else None
-    agree = [int(proba[j].argmax()) == labels[i] for j, (i, _) in enumerate(cands)]
+    cands, clean = clean_examples(task, [ex for ex, _, _ in drawn], train, validation, gp.near_dup_threshold)
+    teacher = Classifier.load(paths.teacher(task.name))
+    proba = teacher.predict_proba([drawn[i][0] for i in cands]) if cands else np.zeros((0, task.num_labels))
+    conditioned = [drawn[i][1] for i in cands]
+    agree = [lab is not None and int(p.argmax()) == lab for p, lab in zip(proba, conditioned)]
     keep = [j for j in range(len(cands)) if agree[j] or not gp.filter_by_teacher]
-    if not keep:
-        raise GenerationError(f"generate: 0 of {len(texts)} samples survived parsing/dedup"
-                              f"{'/teacher filter' if gp.filter_by_teacher else ''} ({counts['parsed']} parsed, "
-                              f"{counts['leaked_train'] + counts['leaked_validation']} copies of train/validation "
-                              f"rows); raise generate.num_samples or train the prompt longer")
+    rates = (f"{len(drawn)} of {n_samples} samples complete and parsed"
+             + (f", {counts['parse_failures']['unfinished']} unfinished at max_new_tokens {counts['max_new_tokens']}"
+                if "parse_failures" in counts else ""))
+    if len(keep) < gp.min_entries:
+        raise GenerationError(f"generate: a store of {len(keep)} entries is below generate.min_entries "
+                              f"({gp.min_entries}): {rates}, {clean['leaked_train'] + clean['leaked_validation']} "
+                              f"copies of train/validation rows, {clean['exact_duplicates'] + clean['near_duplicates']}"
+                              " duplicates; raise generate.num_samples or tune the prompt longer")
 
     entries = []
     for new_id, j in enumerate(keep):
-        i, ex = cands[j]
-        entries.append({"id": new_id, **{f: ex[f] for f in task.input_fields}, "label": labels[i],
-                        "soft_label": [round(float(p), 6) for p in proba[j]], "text": texts[i]})
+        i = cands[j]
+        ex, lab, text = drawn[i]
+        entries.append({"id": new_id, **{f: ex[f] for f in task.input_fields}, "label": lab,
+                        "soft_label": [round(float(p), 6) for p in proba[j]], "text": text})
 
-    serials = [task.serialise(e) for e in entries]
-    if len(serials) > SELF_BLEU_MAX:
-        serials = random.Random(params.seed).sample(serials, SELF_BLEU_MAX)
-
-    n_parsed = counts["parsed"]
     per_label = Counter(e["label"] for e in entries)
+    teacher_label = Counter(int(np.argmax(e["soft_label"])) for e in entries)
+    store_bleu, n_bleu = _self_bleu_sample(task, entries, params.seed)
+    train_bleu, n_train_bleu = _self_bleu_sample(task, train, params.seed)
+    gen_tok = load_tokenizer(paths.base_model("generator"))
     metrics = {
-        "prompt": "ppo" if use_ppo else "prompt_tune",
-        "samples": len(texts), **counts, "parse_rate": n_parsed / max(1, len(texts)),
-        "leaked_removed": counts["leaked_train"] + counts["leaked_validation"],
-        "exact_duplicate_rate": counts["exact_duplicates"] / max(1, n_parsed),
-        "near_duplicate_rate": counts["near_duplicates"] / max(1, n_parsed),
-        "teacher_agreement": float(np.mean(agree)), "teacher_filtered": len(cands) - len(keep),
-        "size": len(entries), "label_counts": {name: per_label[lab] for lab, name in enumerate(task.labels)},
-        "self_bleu": corpus_self_bleu(serials), "self_bleu_entries": len(serials),
-        "truncated_rate": drawn.finished.count(False) / max(1, len(texts)),
-        "truncated_in_store": sum(not drawn.finished[cands[j][0]] for j in keep),
-        "generated_tokens": drawn.tokens,
+        **counts, "complete_parsed": len(drawn), "parse_rate": len(drawn) / max(1, n_samples), **clean,
+        "leaked_removed": clean["leaked_train"] + clean["leaked_validation"],
+        "teacher_agreement": float(np.mean([agree[j] for j in keep])) if gp.source == "llm" else None,
+        "teacher_filtered": len(cands) - len(keep), "size": len(entries),
+        "label_counts": {name: per_label[lab] for lab, name in enumerate(task.labels)} if gp.source == "llm" else None,
+        "teacher_label_counts": {name: teacher_label[lab] for lab, name in enumerate(task.labels)},
+        "truncated_in_store": 0,  # unfinished samples never enter the store
+        "self_bleu": store_bleu, "self_bleu_train": train_bleu, "self_bleu_rows": min(n_bleu, n_train_bleu),
+        "length_tokens": _quantiles(target_lengths(gen_tok, task, entries)),
+        "length_tokens_train": _quantiles(target_lengths(gen_tok, task, train)),
     }
+    metrics = {k: v for k, v in metrics.items() if v is not None}
     out = paths.store(task.name)
-    write_jsonl(out / "entries.jsonl", entries)
-    atomic_write_json(out / "stats.json", metrics)
-    preview = atomic_write_text(out / "preview.md", _preview(task, entries))
-    run.log_artifact(preview)
+    with atomic_dir(out) as tmp:
+        write_jsonl(tmp / "entries.jsonl", entries)
+        atomic_write_json(tmp / "stats.json", metrics)
+        atomic_write_text(tmp / "preview.md", _preview(task, entries))
+    run.log_artifact(out / "preview.md")
     run.set_metrics(metrics)
-    run.set_timings({"generation_seconds": seconds, "tokens_per_second": drawn.tokens / max(seconds, 1e-9)})
-    log.info("generate: store of %d entries (parse rate %.2f, self-BLEU %.3f)", len(entries),
-             metrics["parse_rate"], metrics["self_bleu"])
+    if timings:
+        run.set_timings(timings)
+    log.info("generate: store of %d entries (%s; self-BLEU %.3f vs train %.3f)", len(entries), rates,
+             store_bleu, train_bleu)
     return metrics

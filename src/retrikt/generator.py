@@ -34,6 +34,10 @@ from retrikt.models import load_generator
 from retrikt.tasks import Task
 
 IGNORE = -100  # label id ignored by the loss
+# ``max_new_tokens: auto`` = ceil(LENGTH_MARGIN x the LENGTH_PERCENTILE-th percentile) of the task's train
+# serialisations in generator tokens, EOS included (see length_budget)
+LENGTH_PERCENTILE = 99
+LENGTH_MARGIN = 1.1
 
 
 def source_text(task: Task, label: int) -> str:
@@ -78,6 +82,34 @@ def tokenize_for_training(tok, sources: Sequence[str], targets: Sequence[str], m
 
     return {"input_ids": pad_to(inputs, pad), "attention_mask": pad_to([[1] * len(r) for r in inputs], 0),
             "labels": pad_to(labels, IGNORE)}
+
+
+def load_tokenizer(generator_dir: str | Path):
+    """The generator's tokenizer alone (no weights), with a pad token as :func:`load_generator` sets."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(generator_dir))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def target_lengths(tok, task: Task, rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Generator tokens of each row's target (its serialisation + EOS): what sampling must produce."""
+    return [len(ids) + 1 for ids in tok([target_text(task, r) for r in rows], add_special_tokens=False)["input_ids"]]
+
+
+def length_budget(value: int | str, tok, task: Task, rows: Sequence[Mapping[str, Any]]) -> int:
+    """``max_new_tokens`` for sampling: an int as given, or ``"auto"`` = ceil(LENGTH_MARGIN x the
+    LENGTH_PERCENTILE-th percentile of :func:`target_lengths` over ``rows``), so that almost every
+    real example of the task would fit, with room to spare."""
+    if value != "auto":
+        return int(value)
+    import numpy as np
+
+    if not rows:
+        raise ValueError(f"{task.name}: no train rows to size max_new_tokens: auto from")
+    return int(np.ceil(LENGTH_MARGIN * np.percentile(target_lengths(tok, task, rows), LENGTH_PERCENTILE)))
 
 
 def attach_prompt(model, num_virtual_tokens: int, init: str, init_text: str,

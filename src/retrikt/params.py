@@ -92,6 +92,7 @@ class PromptTuneParams:
     batch_size: int = _f(lo=1)
     max_length: int = _f(lo=16, hi=4096)
     train_limit: Optional[int] = _f(lo=1)
+    dtype: Literal["float32", "bfloat16"]  # the frozen generator's compute dtype (the prompt stays float32)
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,10 @@ class RLParams:
     target_kl: float = _f(lo=0, lo_open=True)
     kl_horizon: int = _f(lo=1)
     max_grad_norm: float = _f(lo=0, lo_open=True)
-    max_new_tokens: int = _f(lo=1, hi=2048)
+    max_new_tokens: Union[int, Literal["auto"]] = _f(lo=1, hi=2048)
     temperature: float = _f(lo=0, lo_open=True)
     top_p: float = _f(lo=0, hi=1, lo_open=True)
+    dtype: Literal["float32", "bfloat16"]  # compute dtype of the rollouts' sampler
     label_sampling: Literal["uniform", "prior"]
     eval_samples: int = _f(lo=2)
     num_generations: int = _f(lo=2)
@@ -132,14 +134,17 @@ class RLParams:
 
 @dataclass(frozen=True)
 class GenerateParams:
+    source: Literal["llm", "oracle"]
     num_samples: int = _f(lo=1)
     balance: bool
     batch_size: int = _f(lo=1)
-    max_new_tokens: int = _f(lo=1, hi=2048)
+    dtype: Literal["float32", "bfloat16"]
+    max_new_tokens: Union[int, Literal["auto"]] = _f(lo=1, hi=2048)
     temperature: float = _f(lo=0, lo_open=True)
     top_p: float = _f(lo=0, hi=1, lo_open=True)
     near_dup_threshold: float = _f(lo=0, hi=1, lo_open=True)
     filter_by_teacher: bool
+    min_entries: int = _f(lo=1)
 
 
 @dataclass(frozen=True)

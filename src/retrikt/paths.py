@@ -26,6 +26,11 @@ def split_file(task: str, split: str) -> Path:
     return processed(task) / f"{split}.jsonl"
 
 
+def spare_file(task: str) -> Path:
+    """Train rows left out by ``data.train_limit`` (the oracle store's source; empty without a limit)."""
+    return processed(task) / "spare.jsonl"
+
+
 def teacher(task: str) -> Path:
     return MODELS / task / "teacher"
 

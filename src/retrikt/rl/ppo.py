@@ -1,12 +1,12 @@
 """PPO for a soft prompt (RetriKT step 2): only the prompt embeddings and a value head are trained.
 
 The generator (causal or seq2seq Hugging Face model) is wrapped with PEFT prompt tuning and stays
-frozen. Everything the policy does goes through one function, :meth:`SoftPromptPPO._context`,
-that prepends the virtual-token embeddings to the embedded condition exactly like PEFT does
-(causal: before the whole input; seq2seq: before the encoder input; PEFT prompt tuning never feeds
-the decoder). Sampling is our own KV-cached loop so that the sampled distribution, the stored
-("old") log-probs and the training log-probs come from the same computation, and so that a
-``torch.Generator`` seeded from the config makes runs reproducible.
+frozen. Every log-prob PPO uses goes through one function, :meth:`SoftPromptPPO._context`, that
+prepends the virtual-token embeddings to the embedded condition exactly like PEFT does (causal:
+before the whole input; seq2seq: before the encoder input; PEFT prompt tuning never feeds the
+decoder), in float32. Rollouts are drawn by the project's sampler (:mod:`retrikt.sampling`, seeded
+per call, compute dtype ``rl.dtype``); the "old" log-probs are then recomputed by the same float32
+forward as the training ones, so the first PPO ratio is exactly 1 whatever the sampler's dtype.
 
 Reference policy: the same frozen base model with a frozen copy of the initial (step-1) prompt
 tensor swapped in; no second model is kept.
@@ -30,7 +30,8 @@ from torch import nn
 from retrikt.params import RLParams
 
 RewardFn = Callable[[list[str], list[str]], dict[str, Any]]
-"""``reward_fn(texts, conditions) -> {"reward": [float] * n, **optional components to log}``."""
+"""``reward_fn(texts, conditions, finished) -> {"reward": [float] * n, **optional components to log}``;
+``finished[i]`` says whether response i ended with EOS (None: unknown)."""
 
 
 # --------------------------------------------------------------------------------------- math
@@ -143,6 +144,7 @@ class Rollout:
     r_ids: torch.Tensor
     r_mask: torch.Tensor
     texts: list[str]
+    finished: list[bool] | None = None  # whether each response ended with EOS (not cut by max_new_tokens)
     logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
@@ -196,7 +198,7 @@ class SoftPromptPPO:
         self.start_id = getattr(self.base.config, "decoder_start_token_id", None)
         if self.start_id is None:
             self.start_id = self.pad_id
-        self._sample_gen = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.seed, self._calls = config.seed, 0
         self._shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
         self.n_updates = 0
 
@@ -221,50 +223,31 @@ class SoftPromptPPO:
         ones = torch.ones(ids.shape[0], self.n_virtual, dtype=mask.dtype, device=mask.device)
         return torch.cat([virt, emb], dim=1), torch.cat([ones, mask], dim=1)
 
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """Sample one token per row from temperature-scaled, top-p filtered logits."""
-        probs = F.softmax(logits.float() / self.cfg.temperature, dim=-1)
-        if self.cfg.top_p < 1.0:
-            sorted_p, idx = probs.sort(dim=-1, descending=True)
-            sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > self.cfg.top_p, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-        return torch.multinomial(probs, 1, generator=self._sample_gen).squeeze(-1)
+    def rollout_seed(self) -> int:
+        """The sampler seed of the latest :meth:`generate` call: the run's seed and the call's number."""
+        return self.seed * 1_000_003 + self._calls
 
     @torch.no_grad()
     def generate(self, conditions: Sequence[str]) -> Rollout:
-        """Sample one response per condition with the current prompt (KV-cached loop)."""
+        """Sample one response per condition with the current prompt (:func:`retrikt.sampling.draw_samples`,
+        compute dtype ``rl.dtype``); the log-probs PPO uses are recomputed by :meth:`_forward` in float32.
+        Each call draws from its own seeded stream (the run's seed and the call's number)."""
+        from retrikt.sampling import draw_samples
+
         q_ids, q_mask = self._encode(conditions)
-        emb, am = self._context(self.prompt_weight, q_ids, q_mask)
-        b = q_ids.shape[0]
-        if self.seq2seq:
-            enc = self.base.get_encoder()(inputs_embeds=emb, attention_mask=am)
-            start = torch.full((b, 1), self.start_id, dtype=torch.long, device=self.device)
-            kw: dict[str, Any] = {"encoder_outputs": enc, "attention_mask": am, "decoder_input_ids": start}
-        else:
-            pos = _positions(am)
-            kw = {"inputs_embeds": emb, "attention_mask": am, "position_ids": pos}
-        cache, tokens = None, []
-        done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        for _ in range(self.cfg.max_new_tokens):
-            out = self.base(**kw, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            tok = self._sample(out.logits[:, -1]).masked_fill(done, self.pad_id)
-            tokens.append(tok)
-            done |= tok == self.eos_id
-            if bool(done.all()):
-                break
-            if self.seq2seq:
-                kw = {"encoder_outputs": enc, "attention_mask": am, "decoder_input_ids": tok[:, None]}
-            else:
-                am = torch.cat([am, torch.ones_like(am[:, :1])], dim=1)
-                pos = pos[:, -1:] + 1
-                kw = {"input_ids": tok[:, None], "attention_mask": am, "position_ids": pos}
-        r_ids = torch.stack(tokens, dim=1)
-        is_eos = (r_ids == self.eos_id).long()
-        r_mask = ((is_eos.cumsum(1) - is_eos) == 0).long()  # up to and including the first EOS
-        kept = [[t for t in row[:n].tolist() if t != self.eos_id] for row, n in zip(r_ids, r_mask.sum(1).tolist())]
-        texts = self.tok.batch_decode(kept, skip_special_tokens=True)
-        return Rollout(q_ids, q_mask, r_ids, r_mask, [t.strip() for t in texts])
+        self._calls += 1
+        drawn = draw_samples(self.model, self.tok, list(conditions), max_new_tokens=self.cfg.max_new_tokens,
+                             temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=self.rollout_seed(),
+                             slots=len(conditions), dtype=self.cfg.dtype)
+        rows = [d.ids + [self.eos_id] * d.finished for d in drawn]
+        width = max(1, max(len(r) for r in rows))
+        r_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        r_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            r_ids[i, :len(r)], r_mask[i, :len(r)] = torch.tensor(r, dtype=torch.long), 1
+        texts = [self.tok.decode(d.ids, skip_special_tokens=True).strip() for d in drawn]
+        return Rollout(q_ids, q_mask, r_ids.to(self.device), r_mask.to(self.device), texts,
+                       finished=[d.finished for d in drawn])
 
     def _forward(
         self, prompt: torch.Tensor, ro: Rollout, idx: slice | torch.Tensor = slice(None)
@@ -302,7 +285,7 @@ class SoftPromptPPO:
         """One PPO update: rollout on ``conditions``, score, GAE, ``ppo_epochs`` over minibatches."""
         cfg, conditions = self.cfg, list(conditions)
         ro = self.generate(conditions)
-        scored = self.reward_fn(ro.texts, conditions)
+        scored = self.reward_fn(ro.texts, conditions, ro.finished)
         score = torch.tensor(scored["reward"], dtype=torch.float, device=self.device)
         mask = ro.r_mask.float()
         with torch.no_grad():

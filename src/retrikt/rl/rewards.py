@@ -97,18 +97,21 @@ def compute_rewards(
     weights: RewardWeights,
     len_bounds: tuple[float, float],
     length_fn: Callable[[str], int] = lambda t: len(t.split()),
+    complete: Sequence[bool] | None = None,
 ) -> dict[str, Any]:
     """Per-sample rewards and their components for generated ``texts`` conditioned on ``labels``.
 
     accuracy_i = prob_fn(parsed)[j, labels_i] for the j-th parsed sample, 0 when ``parse_fn``
     returns None (which also costs ``weights.parse_penalty``); diversity_i = 1 - self-BLEU_i over
     the whole batch; length penalty from :func:`length_penalty` (scale 1, weighted by
-    ``weights.len``) on ``length_fn(text)`` (default: whitespace words).
+    ``weights.len``) on ``length_fn(text)`` (default: whitespace words). A text marked incomplete in
+    ``complete`` (cut by the token budget before EOS) counts as unparsable, whatever it contains.
     Returns lists ``reward, accuracy, diversity, length_penalty, parse_fail`` and their means
     under ``mean_<name>``.
     """
     n = len(texts)
-    parsed = [parse_fn(t) for t in texts]
+    complete = [True] * n if complete is None else list(complete)
+    parsed = [parse_fn(t) if done else None for t, done in zip(texts, complete)]
     ok = [i for i, p in enumerate(parsed) if p is not None]
     acc = np.zeros(n)
     if ok:

@@ -18,6 +18,7 @@ from the tuned one; the reward model's mean confidence and self-BLEU of both go 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -27,7 +28,7 @@ import numpy as np
 
 from retrikt import paths
 from retrikt.classifier import Classifier
-from retrikt.generator import load_with_prompt, sample, source_text
+from retrikt.generator import length_budget, load_with_prompt, sample_full, source_text
 from retrikt.io import atomic_dir, atomic_write_json, read_jsonl
 from retrikt.params import Params
 from retrikt.rl.rewards import RewardWeights, compute_rewards, corpus_self_bleu, length_bounds
@@ -54,13 +55,14 @@ def balanced_conditions(task: Task, n: int) -> list[str]:
 
 
 class RolloutReward:
-    """The reward function shared by every algorithm: ``(texts, conditions) -> {"reward": [...], ...}``."""
+    """The reward function shared by every algorithm: ``(texts, conditions, finished) -> {"reward": [...], ...}``;
+    a response that did not end with EOS (``finished`` False) scores as unparsable."""
 
     def __init__(self, task: Task, reward_model: Classifier, weights: RewardWeights, bounds: tuple[float, float]):
         self.task, self.rm, self.weights, self.bounds = task, reward_model, weights, bounds
         self.cond2label = {source_text(task, y): y for y in range(task.num_labels)}
 
-    def __call__(self, texts: list[str], conditions: list[str]) -> dict[str, Any]:
+    def __call__(self, texts: list[str], conditions: list[str], finished: list[bool] | None = None) -> dict[str, Any]:
         labels = [self.cond2label[c] for c in conditions]
         probs: list[np.ndarray] = []
 
@@ -69,7 +71,7 @@ class RolloutReward:
             probs.append(p)
             return p
 
-        out = compute_rewards(texts, labels, self.task.parse, prob_fn, self.weights, self.bounds)
+        out = compute_rewards(texts, labels, self.task.parse, prob_fn, self.weights, self.bounds, complete=finished)
         parsed = [y for y, f in zip(labels, out["parse_fail"]) if not f]
         if probs and parsed:
             out["rm_accuracy"] = float(np.mean(probs[0].argmax(1) == np.asarray(parsed)))
@@ -81,11 +83,12 @@ class RolloutReward:
 
 def rollout_quality(model, tok, reward: RolloutReward, conditions: list[str], rp, seed: int) -> dict[str, float]:
     """Reward-model confidence, agreement, parse rate and self-BLEU of seeded evaluation rollouts."""
-    texts = sample(model, tok, conditions, max_new_tokens=rp.max_new_tokens, temperature=rp.temperature,
-                   top_p=rp.top_p, batch_size=len(conditions), seed=seed)
-    r = reward(texts, conditions)
+    drawn = sample_full(model, tok, conditions, max_new_tokens=rp.max_new_tokens, temperature=rp.temperature,
+                        top_p=rp.top_p, batch_size=len(conditions), seed=seed, dtype=rp.dtype)
+    r = reward(drawn.texts, conditions, drawn.finished)
     return {"confidence": r["mean_accuracy"], "rm_accuracy": r["rm_accuracy"], "self_bleu": r["self_bleu"],
-            "parse_rate": 1.0 - r["mean_parse_fail"], "reward": r["mean_reward"]}
+            "parse_rate": 1.0 - r["mean_parse_fail"], "finished_rate": float(np.mean(drawn.finished)),
+            "reward": r["mean_reward"]}
 
 
 def _train_ours(model, tok, reward, draw, rp, seed: int, run) -> None:
@@ -134,6 +137,7 @@ def ppo(params: Params, task_name: str, run) -> dict:
     # PEFT refuses is_trainable for saved prompt adapters: load frozen, then unfreeze the prompt only
     model, tok = load_with_prompt(paths.base_model("generator"), paths.prompt(task.name))
     model.prompt_encoder[model.active_adapter].requires_grad_(True)
+    rp = dataclasses.replace(rp, max_new_tokens=length_budget(rp.max_new_tokens, tok, task, train))
     eval_conditions = balanced_conditions(task, rp.eval_samples)
 
     before = rollout_quality(model, tok, reward, eval_conditions, rp, params.seed + 1)
@@ -153,7 +157,8 @@ def ppo(params: Params, task_name: str, run) -> dict:
             info["reason"] = "the RL prompt lowered the evaluation reward; generate uses the step-1 prompt"
             log.warning("ppo: %s (%.4f -> %.4f)", info["reason"], before["reward"], after["reward"])
         atomic_write_json(tmp / "retrikt_ppo.json", info)
-    metrics = {"enabled": 1, "accepted": int(accepted), "updates": rp.updates, "length_min": bounds[0],
+    metrics = {"enabled": 1, "accepted": int(accepted), "updates": rp.updates, "rollouts": rp.updates * rp.batch_size,
+               "eval_rollouts": rp.eval_samples, "max_new_tokens": rp.max_new_tokens, "length_min": bounds[0],
                "length_max": bounds[1],
                **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()}}
     run.set_metrics(metrics)
