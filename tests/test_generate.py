@@ -82,12 +82,12 @@ CONTROLLED = [
     "hello world, no fields here",                                     # 6 unfinished (cut by the budget)
     "premise: only a premise .",                                       # 7 missing_field
     _cb("it was a good film .", "the film was good ."),                # 8 kept
-    _cb("the movie was great .", "the review is positive ."),          # 9 kept
+    _cb("the movie was great .", "the review is positive ."),          # 9 kept (ended at its last line)
     _cb("the dog sat .", "a dog is sitting .") + "</s>premise: junk",  # 10 kept (text after EOS ignored)
     _cb("a sample cut by the budget .", "it parses ."),                # 11 unfinished: never stored
     _cb("the bird sang .", "a bird made a sound .") + "\nlabel: 0",    # 12 extra_text after the last field
 ]
-UNFINISHED = (6, 11)
+UNFINISHED, AT_LAST_LINE = (6, 11), (9,)
 
 
 @pytest.fixture
@@ -102,7 +102,8 @@ def controlled_repo(tiny_causal_dir, tiny_encoder_dir, in_tmp_repo, monkeypatch)
     def fake_sample(model, tok, sources, **kw):
         calls.append((list(sources), kw))
         n = len(sources)
-        return Samples(CONTROLLED[:n], [i not in UNFINISHED for i in range(n)], tokens=10 * n)
+        ended = ["budget" if i in UNFINISHED else "lines" if i in AT_LAST_LINE else "eos" for i in range(n)]
+        return Samples(CONTROLLED[:n], ended, tokens=10 * n)
 
     monkeypatch.setattr(gen_mod, "sample_full", fake_sample)
     return calls
@@ -117,9 +118,11 @@ def test_generate_counts_dedupes_and_deleaks(controlled_repo, monkeypatch):
     params = make_params(generate={"num_samples": len(CONTROLLED), "near_dup_threshold": 0.5, "min_entries": 5})
     metrics, run = _run_generate(params, monkeypatch)
     ((sources, kw),) = controlled_repo
+    assert kw["stop_lines"] == 2  # generate.end_at_last_line: CB examples have two lines
 
     assert metrics["samples"] == 13 and metrics["complete_parsed"] == 9
     assert metrics["parse_rate"] == pytest.approx(9 / 13) and metrics["finished_rate"] == pytest.approx(11 / 13)
+    assert metrics["eos_rate"] == pytest.approx(10 / 13) and metrics["cut_at_last_line"] == 1
     assert metrics["parse_failures"] == {"unfinished": 2, "missing_field": 1, "extra_text": 1, "unlocated_span": 0,
                                          "invalid": 0}
     assert (metrics["leaked_train"], metrics["leaked_validation"], metrics["leaked_removed"]) == (1, 1, 2)
@@ -177,7 +180,7 @@ def test_generate_filter_by_teacher_and_rl_prompt(controlled_repo, monkeypatch):
 def test_generate_store_below_the_minimum_is_a_clear_error(controlled_repo, monkeypatch):
     monkeypatch.setattr(gen_mod, "sample_full",
                         lambda model, tok, sources, **kw: Samples(["garbage"] * len(sources),
-                                                                  [i > 1 for i in range(len(sources))], 7))
+                                                                  ["eos" if i > 1 else "budget" for i in range(len(sources))], 7))
     with pytest.raises(GenerationError, match=r"^generate: a store of 0 entries is below generate.min_entries \(2\): "
                                               r"0 of 7 samples complete and parsed, 2 unfinished at max_new_tokens "
                                               r"\d+, 0 copies of train/validation rows, 0 duplicates; raise "

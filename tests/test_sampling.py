@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from retrikt.generator import attach_prompt, source_text
 from retrikt.models import load_generator
-from retrikt.sampling import (LlamaDecoder, _generic_loop, _prefix_embeds, draw_samples, nucleus_draw, uniforms,
-                              uses_fast_path)
+from retrikt.sampling import (Drawn, LlamaDecoder, _Ending, _generic_loop, _prefix_embeds, decode, draw_samples,
+                              newline_counts, nucleus_draw, uniforms, uses_fast_path)
 from retrikt.tasks import get_task
 
 CB = get_task("cb")
@@ -109,12 +109,14 @@ def test_fast_path_samples_what_the_generic_loop_samples(llama_dir):
     pm = attach_prompt(model, 4, "random", "", llama_dir)
     assert uses_fast_path(pm)
     src = [source_text(CB, lab) for lab in (0, 1, 2, 2, 0)]
-    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=5, on_done=None)
-    fast = draw_samples(pm, tok, src, slots=2, dtype="float32", **{k: v for k, v in kw.items() if k != "on_done"})
-    eos = tok.eos_token_id
-    slow = _generic_loop(pm, tok, src, slots=5, eos=eos, pad=tok.pad_token_id, **kw)
-    assert [(d.ids, d.finished) for d in fast] == [(d.ids, d.finished) for d in slow]
-    assert any(d.ids for d in fast)
+    for stop_lines in (None, 1):
+        fast = draw_samples(pm, tok, src, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=5, slots=2,
+                            dtype="float32", stop_lines=stop_lines)
+        ending = _Ending(tok, tok.eos_token_id, 10, stop_lines)
+        slow = _generic_loop(pm, tok, src, temperature=1.0, top_p=0.9, seed=5, slots=5, ending=ending,
+                             pad=tok.pad_token_id, on_done=None)
+        assert [(d.ids, d.ended) for d in fast] == [(d.ids, d.ended) for d in slow]
+        assert any(d.ids for d in fast)
 
 
 def test_samples_do_not_depend_on_the_batch_and_respect_the_budget(llama_dir):
@@ -127,7 +129,7 @@ def test_samples_do_not_depend_on_the_batch_and_respect_the_budget(llama_dir):
     assert runs[0] == runs[1] == runs[2]
     assert sorted(done) == list(range(9))  # each sample reported once, as it ended
     for d in runs[0]:
-        assert len(d.ids) + d.finished <= 12 and (d.finished or len(d.ids) == 12)
+        assert d.ended in ("eos", "budget") and (d.ended == "eos" or len(d.ids) == 12) and len(d.ids) <= 12
         assert tok.eos_token_id not in d.ids
     other = draw_samples(pm, tok, src, max_new_tokens=12, temperature=1.0, top_p=0.95, seed=3, slots=4,
                          dtype="float32")
@@ -151,3 +153,23 @@ def test_unknown_dtype_is_refused(tiny_causal_dir):
     model, tok = load_generator(tiny_causal_dir)
     with pytest.raises(ValueError, match="dtype"):
         draw_samples(model, tok, ["x"], max_new_tokens=2, temperature=1.0, top_p=0.9, seed=0, dtype="float16")
+
+
+def test_a_sample_can_end_at_its_last_line(tiny_causal_dir):
+    """stop_lines: the sample ends with the token that carries its stop_lines-th newline, and its text is cut
+    there; EOS and the budget still end it earlier."""
+    model, tok = load_generator(tiny_causal_dir)
+    newline = tok("a\nb", add_special_tokens=False)["input_ids"]
+    nl_ids = [i for i in newline if "\n" in tok.decode([i])]
+    assert nl_ids and newline_counts(tok)[nl_ids[0]] == 1
+    ending = _Ending(tok, tok.eos_token_id, max_new_tokens=50, stop_lines=2)
+    d, word = Drawn(), tok("the", add_special_tokens=False)["input_ids"][0]
+    for t in (word, nl_ids[0], word):
+        assert not ending.add(d, t)
+    assert ending.add(d, nl_ids[0]) and d.ended == "lines" and d.finished
+    assert decode(tok, d, 2) == decode(tok, Drawn(d.ids[:-1], "eos"), None)  # the last newline is cut
+    eos = Drawn()
+    assert ending.add(eos, tok.eos_token_id) and eos.ended == "eos" and eos.ids == []
+    short = _Ending(tok, tok.eos_token_id, max_new_tokens=2, stop_lines=2)
+    b = Drawn()
+    assert not short.add(b, word) and short.add(b, word) and b.ended == "budget" and not b.finished

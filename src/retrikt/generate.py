@@ -8,9 +8,11 @@
    the first labels) or drawn from the train label prior; seeded, shuffled.
 3. Sample (:mod:`retrikt.sampling`: ``generate.batch_size`` decode slots, compute ``generate.dtype``,
    ``max_new_tokens`` as given or ``auto``, sized from the task's train rows), then keep a sample only
-   if it ended with EOS (a sample cut by the budget is ``unfinished``: never in the store) and parses
-   strictly (:meth:`retrikt.tasks.Task.read`: exactly the serialisation's lines; the failure reasons
-   are counted).
+   if it ended — with EOS, or, with ``generate.end_at_last_line``, at the newline after its last field
+   line (what follows is cut, and counted: ``cut_at_last_line``; ``eos_rate`` is the share the model
+   ended itself) — and parses strictly (:meth:`retrikt.tasks.Task.read`: exactly the serialisation's
+   lines; the failure reasons are counted). A sample cut by the budget is ``unfinished``: never in the
+   store.
 
 ``generate.source: oracle`` (a diagnostic beyond the paper): the entries are real train rows that
 ``data.train_limit`` left out (``spare.jsonl``), at most ``num_samples`` of them (seeded), their gold
@@ -188,13 +190,14 @@ def _sample_llm(params: Params, task: Task, train: list[dict], run) -> tuple[lis
     t0 = time.time()
     drawn = sample_full(model, tok, [source_text(task, lab) for lab in labels], max_new_tokens=budget,
                         temperature=gp.temperature, top_p=gp.top_p, batch_size=gp.batch_size, seed=params.seed,
-                        dtype=gp.dtype)
+                        dtype=gp.dtype, stop_lines=len(task.line_names) if gp.end_at_last_line else None)
     seconds = time.time() - t0
     del model
-    failures = Counter({"unfinished": drawn.finished.count(False)})
+    ended = Counter(drawn.ended)
+    failures = Counter({"unfinished": ended["budget"]})
     kept = []
-    for text, done, lab in zip(drawn.texts, drawn.finished, labels):
-        if not done:
+    for text, how, lab in zip(drawn.texts, drawn.ended, labels):
+        if how == "budget":
             continue
         ex, why = task.read(text)
         if ex is None:
@@ -203,6 +206,7 @@ def _sample_llm(params: Params, task: Task, train: list[dict], run) -> tuple[lis
             kept.append((ex, lab, text))
     counts = {"prompt": "rl" if use_rl else "prompt_tune", "samples": len(labels), "max_new_tokens": budget,
               "finished_rate": 1 - failures["unfinished"] / max(1, len(labels)),
+              "eos_rate": ended["eos"] / max(1, len(labels)), "cut_at_last_line": ended["lines"],
               "parse_failures": {k: failures[k] for k in ("unfinished", *PARSE_FAILURES)},
               "generated_tokens": drawn.tokens}
     timings = {"generation_seconds": seconds, "tokens_per_second": drawn.tokens / max(seconds, 1e-9)}

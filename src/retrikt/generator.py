@@ -197,11 +197,16 @@ def nll(model, tok, sources: Sequence[str], targets: Sequence[str], max_length: 
 
 @dataclass
 class Samples:
-    """What :func:`sample_full` returns: texts, whether each ended with EOS, generated token count."""
+    """What :func:`sample_full` returns: texts, how each ended, generated token count."""
 
     texts: list[str]
-    finished: list[bool]  # False: stopped by max_new_tokens (the text may be cut mid-example)
+    ended: list[str]  # "eos" | "lines" (cut at its last line) | "budget" (stopped by max_new_tokens)
     tokens: int  # generated tokens, EOS included, padding not
+
+    @property
+    def finished(self) -> list[bool]:
+        """Whether each sample ended by itself (EOS) or at its last line, i.e. was not cut by the budget."""
+        return [e != "budget" for e in self.ended]
 
 
 def sample(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperature: float, top_p: float,
@@ -212,17 +217,20 @@ def sample(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperatu
 
 
 def sample_full(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperature: float, top_p: float,
-                batch_size: int, seed: int, dtype: str = "float32", on_done=None) -> Samples:
+                batch_size: int, seed: int, dtype: str = "float32", stop_lines: int | None = None,
+                on_done=None) -> Samples:
     """One sampled continuation per source: temperature + nucleus sampling (no top-k), decoded.
 
     ``model`` is a PEFT prompt-tuning model (or a bare generator). ``batch_size`` is the number of
     decode slots and ``dtype`` the compute dtype of :func:`retrikt.sampling.draw_samples`: the text of
     sample ``i`` is a function of ``seed``, ``i`` and its source (not of the batch size), for a given
-    device and dtype. Texts stop at the first EOS; special tokens are stripped.
+    device and dtype. Texts stop at the first EOS, or with ``stop_lines`` before the newline that
+    would start line ``stop_lines + 1`` (a task serialisation of that many lines is complete there);
+    special tokens are stripped.
     """
-    from retrikt.sampling import draw_samples
+    from retrikt.sampling import decode, draw_samples
 
     drawn = draw_samples(model, tok, sources, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                         seed=seed, slots=batch_size, dtype=dtype, on_done=on_done)
-    return Samples([tok.decode(d.ids, skip_special_tokens=True).strip() for d in drawn],
-                   [d.finished for d in drawn], sum(len(d.ids) + d.finished for d in drawn))
+                         seed=seed, slots=batch_size, dtype=dtype, stop_lines=stop_lines, on_done=on_done)
+    return Samples([decode(tok, d, stop_lines) for d in drawn], [d.ended for d in drawn],
+                   sum(len(d.ids) + (d.ended == "eos") for d in drawn))

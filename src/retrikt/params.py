@@ -121,6 +121,7 @@ class RLParams:
     temperature: float = _f(lo=0, lo_open=True)
     top_p: float = _f(lo=0, hi=1, lo_open=True)
     dtype: Literal["float32", "bfloat16"]  # compute dtype of the rollouts' sampler
+    end_at_last_line: bool
     label_sampling: Literal["uniform", "prior"]
     eval_samples: int = _f(lo=2)
     num_generations: int = _f(lo=2)
@@ -145,6 +146,7 @@ class GenerateParams:
     near_dup_threshold: float = _f(lo=0, hi=1, lo_open=True)
     filter_by_teacher: bool
     min_entries: int = _f(lo=1)
+    end_at_last_line: bool
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ batch keeps computing for rows that have already ended. Here:
   autocast would re-cast the frozen weights every step), Q/K/V and gate/up fused into one matmul each.
 * **Grouped-query attention without repeating K/V**: the cache holds the KV heads only.
 * **A preallocated KV cache with slot refill**: a fixed number of slots each decode one sample;
-  a slot whose sample ended (EOS or ``max_new_tokens``) takes the next pending sample at once. The
+  a slot whose sample ended (EOS, ``max_new_tokens`` or, if asked, its ``stop_lines``-th line) takes
+  the next pending sample at once. The
   pending sample's prefix (``[soft prompt; source]``) is computed once per distinct source text
   and copied in, so a refill costs no forward pass.
 * **Nucleus sampling without a full sort**: the top ``prefilter`` logits are taken with ``topk``
@@ -107,10 +108,61 @@ def _inverse_cdf(p: torch.Tensor, cum: torch.Tensor, idx: torch.Tensor, u: torch
 # ------------------------------------------------------------------------------------ results
 @dataclass
 class Drawn:
-    """One sample: generated token ids (EOS excluded) and whether it ended with EOS."""
+    """One sample: generated token ids (EOS excluded) and how it ended: ``"eos"`` (the model stopped),
+    ``"lines"`` (its ``stop_lines``-th newline: a complete example, whatever would follow is cut) or
+    ``"budget"`` (``max_new_tokens`` ran out first)."""
 
     ids: list[int] = field(default_factory=list)
-    finished: bool = False
+    ended: str = ""
+    newlines: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.ended in ("eos", "lines")
+
+
+def decode(tok, d: Drawn, stop_lines: int | None = None) -> str:
+    """A sample's text: special tokens stripped, ends stripped; a sample that ended at its
+    ``stop_lines``-th newline is cut there (a token may carry text past the newline)."""
+    text = tok.decode(d.ids, skip_special_tokens=True)
+    if d.ended == "lines":
+        text = "\n".join(text.split("\n")[:stop_lines])
+    return text.strip()
+
+
+_NEWLINES: dict[tuple[str, int], np.ndarray] = {}
+
+
+def newline_counts(tok) -> np.ndarray:
+    """Newline characters in each token's text (cached per tokenizer)."""
+    key = (str(getattr(tok, "name_or_path", "")), len(tok))
+    if key not in _NEWLINES:
+        _NEWLINES[key] = np.array([tok.decode([i]).count("\n") for i in range(len(tok))], dtype=np.int64)
+    return _NEWLINES[key]
+
+
+class _Ending:
+    """When a sample ends: at EOS, at its ``stop_lines``-th newline (if set), or at ``max_new_tokens``."""
+
+    def __init__(self, tok, eos: int, max_new_tokens: int, stop_lines: int | None):
+        self.eos, self.budget, self.stop_lines = eos, max_new_tokens, stop_lines
+        self.newlines = newline_counts(tok) if stop_lines else None
+
+    def add(self, d: Drawn, t: int) -> bool:
+        """Append token ``t`` to ``d``; True if the sample has ended."""
+        if t == self.eos:
+            d.ended = "eos"
+            return True
+        d.ids.append(t)
+        if self.newlines is not None and t < len(self.newlines):
+            d.newlines += int(self.newlines[t])
+            if d.newlines >= self.stop_lines:
+                d.ended = "lines"
+                return True
+        if len(d.ids) >= self.budget:
+            d.ended = "budget"
+            return True
+        return False
 
 
 # ------------------------------------------------------------------------------------ fast path
@@ -235,8 +287,8 @@ def _prefix_embeds(model, tok, source: str) -> torch.Tensor:
     return emb.detach()
 
 
-def _fast_loop(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperature: float, top_p: float,
-               seed: int, slots: int, dtype: torch.dtype, eos: int, prefilter: int,
+def _fast_loop(model, tok, sources: Sequence[str], *, temperature: float, top_p: float, seed: int, slots: int,
+               dtype: torch.dtype, ending: _Ending, prefilter: int,
                on_done: Callable[[int], None] | None) -> list[Drawn]:
     """Slot refill over :class:`LlamaDecoder`: the active samples always sit in slots ``0..m-1``."""
     from peft import PeftModel
@@ -245,7 +297,7 @@ def _fast_loop(model, tok, sources: Sequence[str], *, max_new_tokens: int, tempe
     prefixes = {s: _prefix_embeds(model, tok, s) for s in dict.fromkeys(sources)}
     p_max = max(e.shape[0] for e in prefixes.values())
     slots = max(1, min(slots, len(sources)))
-    dec = LlamaDecoder(base, dtype, slots, p_max + max_new_tokens)
+    dec = LlamaDecoder(base, dtype, slots, p_max + ending.budget)
     dev = dec.device
     n_layers = len(dec.layers)
 
@@ -292,11 +344,7 @@ def _fast_loop(model, tok, sources: Sequence[str], *, max_new_tokens: int, tempe
         while b < len(sample):          # settle every slot: each ends with a token to feed, or is removed
             i, t = sample[b], tokens[b]
             steps[b] += 1
-            if t == eos:
-                out[i].finished = True
-            else:
-                out[i].ids.append(t)
-            if t != eos and steps[b] < max_new_tokens:
+            if not ending.add(out[i], t):
                 b += 1
                 continue
             if on_done:
@@ -319,9 +367,8 @@ def _fast_loop(model, tok, sources: Sequence[str], *, max_new_tokens: int, tempe
 
 
 # ------------------------------------------------------------------------------------ generic path
-def _generic_loop(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperature: float, top_p: float,
-                  seed: int, slots: int, eos: int, pad: int,
-                  on_done: Callable[[int], None] | None) -> list[Drawn]:
+def _generic_loop(model, tok, sources: Sequence[str], *, temperature: float, top_p: float, seed: int, slots: int,
+                  ending: _Ending, pad: int, on_done: Callable[[int], None] | None) -> list[Drawn]:
     """Batches of ``slots`` samples through the model's own forward and KV cache (no refill)."""
     from peft import PeftModel
 
@@ -349,20 +396,16 @@ def _generic_loop(model, tok, sources: Sequence[str], *, max_new_tokens: int, te
             pos = (mask.cumsum(1) - 1).clamp(min=0)
             kw = {"inputs_embeds": x, "attention_mask": mask, "position_ids": pos}
         cache, done = None, [False] * b
-        for step in range(max_new_tokens):
+        for step in range(ending.budget):
             res = base(**kw, past_key_values=cache, use_cache=True)
             cache = res.past_key_values
             u = torch.from_numpy(uniforms(seed, chunk, step)).to(dev)
             toks = nucleus_draw(res.logits[:, -1], u, temperature, top_p, PREFILTER).tolist()
             for r, t in enumerate(toks):
-                if done[r]:
-                    continue
-                if t == eos:
-                    out[chunk[r]].finished, done[r] = True, True
-                else:
-                    out[chunk[r]].ids.append(t)
-                if (done[r] or step + 1 == max_new_tokens) and on_done:
-                    on_done(chunk[r])
+                if not done[r] and ending.add(out[chunk[r]], t):
+                    done[r] = True
+                    if on_done:
+                        on_done(chunk[r])
             if all(done):
                 break
             nxt = torch.tensor([[pad if d else t] for t, d in zip(toks, done)], dtype=torch.long, device=dev)
@@ -384,9 +427,12 @@ def uses_fast_path(model) -> bool:
 
 @torch.no_grad()
 def draw_samples(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int, slots: int = 64, dtype: str = "bfloat16",
+                 seed: int, slots: int = 64, dtype: str = "bfloat16", stop_lines: int | None = None,
                  on_done: Callable[[int], None] | None = None) -> list[Drawn]:
-    """One sampled continuation per source (see the module doc); ``on_done(i)`` as each sample ends."""
+    """One sampled continuation per source (see the module doc); ``on_done(i)`` as each sample ends.
+
+    ``stop_lines``: end a sample at its ``stop_lines``-th newline (a serialisation with that many lines
+    is complete there; :class:`Drawn` says which samples ended so rather than with EOS)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if tok.eos_token_id is None:
@@ -395,9 +441,9 @@ def draw_samples(model, tok, sources: Sequence[str], *, max_new_tokens: int, tem
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     if not sources:
         return []
+    ending = _Ending(tok, eos, max_new_tokens, stop_lines)
     if uses_fast_path(model):
-        return _fast_loop(model, tok, sources, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                          seed=seed, slots=slots, dtype=DTYPES[dtype], eos=eos, prefilter=PREFILTER,
-                          on_done=on_done)
-    return _generic_loop(model, tok, sources, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                         seed=seed, slots=slots, eos=eos, pad=pad, on_done=on_done)
+        return _fast_loop(model, tok, sources, temperature=temperature, top_p=top_p, seed=seed, slots=slots,
+                          dtype=DTYPES[dtype], ending=ending, prefilter=PREFILTER, on_done=on_done)
+    return _generic_loop(model, tok, sources, temperature=temperature, top_p=top_p, seed=seed, slots=slots,
+                         ending=ending, pad=pad, on_done=on_done)

@@ -131,6 +131,11 @@ class Task:
     def input_fields(self) -> tuple[str, ...]:
         return self.text_fields + self.extra_fields
 
+    @property
+    def line_names(self) -> tuple[str, ...]:
+        """The field names of :meth:`serialise`'s lines, in order (one line each)."""
+        return self._LINES or self.input_fields
+
     # -- classifier input ---------------------------------------------------------------------
     def render(self, ex: Mapping[str, Any]) -> tuple[str, str | None]:
         """Classifier input ``(text_a, text_b)``; ``text_b`` is None for single-sentence tasks."""
@@ -150,7 +155,7 @@ class Task:
         """``(example, "ok")``, or ``(None, reason)`` with a reason of :data:`PARSE_FAILURES`: the text is
         not exactly the serialisation's lines (``missing_field``, ``extra_text``), or its values do not
         make a valid example (``invalid``)."""
-        vals, why = _read_lines(text, self._LINES or self.input_fields, self._OPTIONAL)
+        vals, why = _read_lines(text, self.line_names, self._OPTIONAL)
         if why != "ok":
             return None, why
         try:
@@ -164,7 +169,7 @@ class Task:
         return (ex, "ok") if ex is not None else (None, "invalid")
 
     def _lines(self, ex: Mapping[str, Any]) -> dict[str, str]:
-        return {f: normalise_ws(ex[f]) for f in self._LINES or self.input_fields}
+        return {f: normalise_ws(ex[f]) for f in self.line_names}
 
     def _from_lines(self, vals: dict[str, str]) -> dict[str, Any] | None:
         return {f: vals[f] for f in self.input_fields}

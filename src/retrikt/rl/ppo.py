@@ -163,8 +163,9 @@ class SoftPromptPPO:
     saves the RL-tuned prompt. ``reward_fn(texts, conditions)`` scores decoded responses.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, config: PPOConfig, reward_fn: RewardFn) -> None:
-        self.model, self.tok, self.reward_fn = model, tokenizer, reward_fn
+    def __init__(self, model: nn.Module, tokenizer: Any, config: PPOConfig, reward_fn: RewardFn,
+                 stop_lines: int | None = None) -> None:
+        self.model, self.tok, self.reward_fn, self.stop_lines = model, tokenizer, reward_fn, stop_lines
         self.cfg = cfg = config.rl
         self.base = model.get_base_model()
         self.embed = self.base.get_input_embeddings()
@@ -232,20 +233,20 @@ class SoftPromptPPO:
         """Sample one response per condition with the current prompt (:func:`retrikt.sampling.draw_samples`,
         compute dtype ``rl.dtype``); the log-probs PPO uses are recomputed by :meth:`_forward` in float32.
         Each call draws from its own seeded stream (the run's seed and the call's number)."""
-        from retrikt.sampling import draw_samples
+        from retrikt.sampling import decode, draw_samples
 
         q_ids, q_mask = self._encode(conditions)
         self._calls += 1
         drawn = draw_samples(self.model, self.tok, list(conditions), max_new_tokens=self.cfg.max_new_tokens,
                              temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=self.rollout_seed(),
-                             slots=len(conditions), dtype=self.cfg.dtype)
-        rows = [d.ids + [self.eos_id] * d.finished for d in drawn]
+                             slots=len(conditions), dtype=self.cfg.dtype, stop_lines=self.stop_lines)
+        rows = [d.ids + [self.eos_id] * (d.ended == "eos") for d in drawn]
         width = max(1, max(len(r) for r in rows))
         r_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         r_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             r_ids[i, :len(r)], r_mask[i, :len(r)] = torch.tensor(r, dtype=torch.long), 1
-        texts = [self.tok.decode(d.ids, skip_special_tokens=True).strip() for d in drawn]
+        texts = [decode(self.tok, d, self.stop_lines) for d in drawn]
         return Rollout(q_ids, q_mask, r_ids.to(self.device), r_mask.to(self.device), texts,
                        finished=[d.finished for d in drawn])
 
