@@ -79,7 +79,7 @@ def test_prompt_tune_lowers_nll_and_saves_adapter(kind, tiny_causal_dir, tiny_se
                                                   monkeypatch):
     lay_out_repo(tiny_causal_dir if kind == "causal" else tiny_seq2seq_dir)
     params = make_params(prompt_tune={"num_virtual_tokens": 4, "lr": 0.3, "epochs": 4, "batch_size": 3,
-                                      "max_length": 64, "train_limit": None, "init": "text"})
+                                      "max_length": 64, "train_limit": None, "init": "text", "dtype": "float32"})
     with stage_run("prompt_tune", monkeypatch, plots=("prompt_tune_curve",)) as run:
         metrics = prompt_tune(params, "cb", run)
 
@@ -104,6 +104,23 @@ def test_prompt_tune_lowers_nll_and_saves_adapter(kind, tiny_causal_dir, tiny_se
     reloaded = nll(model, tok, src, tgt, 64, 3, seq2seq=kind == "seq2seq")
     assert math.isclose(reloaded, metrics["val_nll"], rel_tol=1e-5)
     assert not list(folder.parent.glob(".prompt*"))  # no temporary folder left behind
+
+
+def test_prompt_tune_in_bfloat16_keeps_a_float32_prompt(tiny_causal_dir, in_tmp_repo, monkeypatch):
+    from safetensors.torch import load_file
+
+    lay_out_repo(tiny_causal_dir)
+    params = make_params(prompt_tune={"num_virtual_tokens": 4, "lr": 0.3, "epochs": 3, "batch_size": 3,
+                                      "max_length": 64, "train_limit": None, "init": "text", "dtype": "bfloat16"})
+    with stage_run("prompt_tune", monkeypatch) as run:
+        metrics = prompt_tune(params, "cb", run)
+    assert metrics["val_nll"] < metrics["val_nll_before"]
+    (weights,) = load_file(paths.prompt("cb") / "adapter_model.safetensors").values()
+    assert weights.dtype == torch.float32
+    model, tok = load_with_prompt(paths.base_model("generator"), paths.prompt("cb"))  # float32 again
+    fp32 = nll(model, tok, [source_text(CB, r["label"]) for r in VALIDATION], [target_text(CB, r) for r in VALIDATION],
+               64, 3, seq2seq=False)
+    assert math.isclose(fp32, metrics["val_nll"], rel_tol=0.02)
 
 
 def test_prompt_tune_is_seeded(tiny_causal_dir, in_tmp_repo, monkeypatch):

@@ -182,6 +182,8 @@ class StudentParams:
     retrieval_candidates: int = _f(lo=2)
     retrieval_top_k: int = _f(lo=1)
     retrieval_ce_weight: float = _f(lo=0)
+    retrieval_queries: Literal["train", "train+store"]
+    retrieval_candidate_grad: bool
 
     @property
     def methods(self) -> list[str]:

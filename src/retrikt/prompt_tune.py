@@ -8,7 +8,9 @@ Curve ``prompt_tune_curve``: per epoch the mean training NLL over the epoch's ba
 validation NLL (first 64 validation rows) after it; epoch 0 is the initial prompt (train NLL on the
 first 64 train rows), so the curve starts untuned. NLL = mean per target token, EOS included.
 The frozen generator stays in eval mode throughout (no dropout), as it is when it samples, so the
-training loss and the validation NLL measure the same function.
+training loss and the validation NLL measure the same function. It computes in ``prompt_tune.dtype``
+(bfloat16: 1.7x faster per step than float32 on this 2-core AVX-512-bf16 CPU); the prompt's own
+parameters and optimiser state stay float32 (PEFT casts the prompt to the input dtype per forward).
 Output: the PEFT adapter in ``models/<task>/prompt`` plus ``retrikt_prompt.json``.
 """
 
@@ -47,7 +49,9 @@ def prompt_tune(params: Params, task_name: str, run) -> dict:
     seq2seq = is_seq2seq(gen_dir)
     model, tok = load_generator(gen_dir)
     torch.manual_seed(params.seed)  # random prompt init
+    model.to(getattr(torch, pp.dtype))  # the frozen generator computes in prompt_tune.dtype ...
     model = attach_prompt(model, pp.num_virtual_tokens, pp.init, pp.init_text, gen_dir).eval()
+    model.prompt_encoder.float()  # ... the prompt itself trains (and is saved) in float32
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     opt = torch.optim.AdamW(trainable, lr=pp.lr)
