@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from retrikt.generator import attach_prompt, source_text
 from retrikt.models import load_generator
-from retrikt.sampling import (Drawn, LlamaDecoder, _Ending, _generic_loop, _prefix_embeds, decode, draw_samples,
-                              newline_counts, nucleus_draw, uniforms, uses_fast_path)
+from retrikt.sampling import (LlamaDecoder, _generic_loop, _prefix_embeds, _Rules, decode, draw_samples,
+                              field_name_tokens, line_breaks, nucleus_draw, uniforms, uses_fast_path)
 from retrikt.tasks import get_task
 
 CB = get_task("cb")
@@ -109,10 +109,10 @@ def test_fast_path_samples_what_the_generic_loop_samples(llama_dir):
     pm = attach_prompt(model, 4, "random", "", llama_dir)
     assert uses_fast_path(pm)
     src = [source_text(CB, lab) for lab in (0, 1, 2, 2, 0)]
-    for stop_lines in (None, 1):
+    for stop_lines, names in ((None, None), (1, None), (2, ("premise", "hypothesis"))):
         fast = draw_samples(pm, tok, src, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=5, slots=2,
-                            dtype="float32", stop_lines=stop_lines)
-        ending = _Ending(tok, tok.eos_token_id, 10, stop_lines)
+                            dtype="float32", stop_lines=stop_lines, field_names=names)
+        ending = _Rules(tok, tok.eos_token_id, 10, stop_lines, names and field_name_tokens(tok, names))
         slow = _generic_loop(pm, tok, src, temperature=1.0, top_p=0.9, seed=5, slots=5, ending=ending,
                              pad=tok.pad_token_id, on_done=None)
         assert [(d.ids, d.ended) for d in fast] == [(d.ids, d.ended) for d in slow]
@@ -156,20 +156,40 @@ def test_unknown_dtype_is_refused(tiny_causal_dir):
 
 
 def test_a_sample_can_end_at_its_last_line(tiny_causal_dir):
-    """stop_lines: the sample ends with the token that carries its stop_lines-th newline, and its text is cut
-    there; EOS and the budget still end it earlier."""
+    """stop_lines: the sample ends with its stop_lines-th line-break token, and that token is not in its
+    text; EOS and the budget still end it earlier."""
     model, tok = load_generator(tiny_causal_dir)
-    newline = tok("a\nb", add_special_tokens=False)["input_ids"]
-    nl_ids = [i for i in newline if "\n" in tok.decode([i])]
-    assert nl_ids and newline_counts(tok)[nl_ids[0]] == 1
-    ending = _Ending(tok, tok.eos_token_id, max_new_tokens=50, stop_lines=2)
-    d, word = Drawn(), tok("the", add_special_tokens=False)["input_ids"][0]
-    for t in (word, nl_ids[0], word):
-        assert not ending.add(d, t)
-    assert ending.add(d, nl_ids[0]) and d.ended == "lines" and d.finished
-    assert decode(tok, d, 2) == decode(tok, Drawn(d.ids[:-1], "eos"), None)  # the last newline is cut
-    eos = Drawn()
-    assert ending.add(eos, tok.eos_token_id) and eos.ended == "eos" and eos.ids == []
-    short = _Ending(tok, tok.eos_token_id, max_new_tokens=2, stop_lines=2)
-    b = Drawn()
+    brk = [i for i in tok("a\nb", add_special_tokens=False)["input_ids"] if "\n" in tok.decode([i])]
+    assert brk and line_breaks(tok)[brk[0]]
+    rules = _Rules(tok, tok.eos_token_id, max_new_tokens=50, stop_lines=2)
+    d, word = rules.start(), tok("the", add_special_tokens=False)["input_ids"][0]
+    for t in (word, brk[0], word):
+        assert not rules.add(d, t)
+    assert rules.add(d, brk[0]) and d.ended == "lines" and d.finished and d.breaks == 2
+    assert decode(tok, d) == tok.decode([word, brk[0], word]).strip()  # the last line break is cut
+    eos = rules.start()
+    assert rules.add(eos, tok.eos_token_id) and eos.ended == "eos" and eos.ids == []
+    short = _Rules(tok, tok.eos_token_id, max_new_tokens=2, stop_lines=2)
+    b = short.start()
     assert not short.add(b, word) and short.add(b, word) and b.ended == "budget" and not b.finished
+
+
+def test_field_names_are_written_at_each_line_start(tiny_causal_dir):
+    """Whatever the model samples, each line starts with its field name; the values are the model's."""
+    model, tok = load_generator(tiny_causal_dir)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    names = ("premise", "hypothesis")
+    forced = field_name_tokens(tok, names)
+    assert forced == [tok(f"{n}:", add_special_tokens=False)["input_ids"] for n in names]
+    drawn = draw_samples(model, tok, [source_text(CB, i % 3) for i in range(12)], max_new_tokens=30,
+                         temperature=1.0, top_p=1.0, seed=0, slots=4, dtype="float32", stop_lines=2,
+                         field_names=names)
+    for d in drawn:
+        assert d.ids[:len(forced[0])] == forced[0]
+        lines = tok.decode(d.ids).split("\n")
+        assert lines[0].startswith("premise:")
+        if d.breaks >= 1:  # (a sample cut by the budget may stop inside the name)
+            second = lines[1].lstrip()
+            assert second.startswith("hypothesis:") or (d.ended == "budget" and "hypothesis:".startswith(second))

@@ -190,7 +190,8 @@ def _sample_llm(params: Params, task: Task, train: list[dict], run) -> tuple[lis
     t0 = time.time()
     drawn = sample_full(model, tok, [source_text(task, lab) for lab in labels], max_new_tokens=budget,
                         temperature=gp.temperature, top_p=gp.top_p, batch_size=gp.batch_size, seed=params.seed,
-                        dtype=gp.dtype, stop_lines=len(task.line_names) if gp.end_at_last_line else None)
+                        dtype=gp.dtype, stop_lines=len(task.line_names) if gp.end_at_last_line else None,
+                        field_names=task.line_names if gp.force_field_names else None)
     seconds = time.time() - t0
     del model
     ended = Counter(drawn.ended)

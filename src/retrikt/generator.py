@@ -218,19 +218,20 @@ def sample(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperatu
 
 def sample_full(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperature: float, top_p: float,
                 batch_size: int, seed: int, dtype: str = "float32", stop_lines: int | None = None,
-                on_done=None) -> Samples:
+                field_names: Sequence[str] | None = None, on_done=None) -> Samples:
     """One sampled continuation per source: temperature + nucleus sampling (no top-k), decoded.
 
     ``model`` is a PEFT prompt-tuning model (or a bare generator). ``batch_size`` is the number of
     decode slots and ``dtype`` the compute dtype of :func:`retrikt.sampling.draw_samples`: the text of
     sample ``i`` is a function of ``seed``, ``i`` and its source (not of the batch size), for a given
-    device and dtype. Texts stop at the first EOS, or with ``stop_lines`` before the newline that
-    would start line ``stop_lines + 1`` (a task serialisation of that many lines is complete there);
-    special tokens are stripped.
+    device and dtype. Texts stop at the first EOS, or with ``stop_lines`` at the line break after
+    that many lines (a task serialisation of that many lines is complete there); ``field_names``
+    are written for the model at the start of each line. Special tokens are stripped.
     """
     from retrikt.sampling import decode, draw_samples
 
     drawn = draw_samples(model, tok, sources, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                         seed=seed, slots=batch_size, dtype=dtype, stop_lines=stop_lines, on_done=on_done)
-    return Samples([decode(tok, d, stop_lines) for d in drawn], [d.ended for d in drawn],
+                         seed=seed, slots=batch_size, dtype=dtype, stop_lines=stop_lines, field_names=field_names,
+                         on_done=on_done)
+    return Samples([decode(tok, d) for d in drawn], [d.ended for d in drawn],
                    sum(len(d.ids) + (d.ended == "eos") for d in drawn))

@@ -122,6 +122,7 @@ class RLParams:
     top_p: float = _f(lo=0, hi=1, lo_open=True)
     dtype: Literal["float32", "bfloat16"]  # compute dtype of the rollouts' sampler
     end_at_last_line: bool
+    force_field_names: bool
     label_sampling: Literal["uniform", "prior"]
     eval_samples: int = _f(lo=2)
     num_generations: int = _f(lo=2)
@@ -147,6 +148,7 @@ class GenerateParams:
     filter_by_teacher: bool
     min_entries: int = _f(lo=1)
     end_at_last_line: bool
+    force_field_names: bool
 
 
 @dataclass(frozen=True)

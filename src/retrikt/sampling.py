@@ -109,44 +109,67 @@ def _inverse_cdf(p: torch.Tensor, cum: torch.Tensor, idx: torch.Tensor, u: torch
 @dataclass
 class Drawn:
     """One sample: generated token ids (EOS excluded) and how it ended: ``"eos"`` (the model stopped),
-    ``"lines"`` (its ``stop_lines``-th newline: a complete example, whatever would follow is cut) or
-    ``"budget"`` (``max_new_tokens`` ran out first)."""
+    ``"lines"`` (the line break after its ``stop_lines``-th line: a complete example, whatever would
+    follow is cut) or ``"budget"`` (``max_new_tokens`` ran out first)."""
 
     ids: list[int] = field(default_factory=list)
     ended: str = ""
-    newlines: int = 0
+    breaks: int = 0  # line-break tokens so far
+    forced: list[int] = field(default_factory=list)  # field-name tokens still to write (see _Rules)
 
     @property
     def finished(self) -> bool:
         return self.ended in ("eos", "lines")
 
 
-def decode(tok, d: Drawn, stop_lines: int | None = None) -> str:
-    """A sample's text: special tokens stripped, ends stripped; a sample that ended at its
-    ``stop_lines``-th newline is cut there (a token may carry text past the newline)."""
-    text = tok.decode(d.ids, skip_special_tokens=True)
-    if d.ended == "lines":
-        text = "\n".join(text.split("\n")[:stop_lines])
-    return text.strip()
+def decode(tok, d: Drawn) -> str:
+    """A sample's text, special tokens and surrounding whitespace stripped; for a sample that ended at
+    its last line, without that final line-break token."""
+    return tok.decode(d.ids[:-1] if d.ended == "lines" else d.ids, skip_special_tokens=True).strip()
 
 
-_NEWLINES: dict[tuple[str, int], np.ndarray] = {}
+_BREAKS: dict[tuple[str, int], np.ndarray] = {}
 
 
-def newline_counts(tok) -> np.ndarray:
-    """Newline characters in each token's text (cached per tokenizer)."""
+def line_breaks(tok) -> np.ndarray:
+    """Whether each token's text contains a newline (cached per tokenizer): one line break per token,
+    however many newlines it holds (a blank line is not a field line)."""
     key = (str(getattr(tok, "name_or_path", "")), len(tok))
-    if key not in _NEWLINES:
-        _NEWLINES[key] = np.array([tok.decode([i]).count("\n") for i in range(len(tok))], dtype=np.int64)
-    return _NEWLINES[key]
+    if key not in _BREAKS:
+        _BREAKS[key] = np.array(["\n" in tok.decode([i]) for i in range(len(tok))], dtype=bool)
+    return _BREAKS[key]
 
 
-class _Ending:
-    """When a sample ends: at EOS, at its ``stop_lines``-th newline (if set), or at ``max_new_tokens``."""
+def field_name_tokens(tok, names: Sequence[str]) -> list[list[int]] | None:
+    """Token ids of ``"<name>:"`` for each serialisation line, as they appear at a line start in context,
+    or None when the tokenizer merges a line break with the text after it (then names cannot be forced)."""
+    ids = [tok(f"{n}:", add_special_tokens=False)["input_ids"] for n in names]
+    text = "\n".join(f"{n}: x" for n in names)
+    whole = tok(text, add_special_tokens=False)["input_ids"]
+    at = 0
+    for k, want in enumerate(ids):
+        if whole[at:at + len(want)] != want:
+            return None
+        at += len(want) + len(tok(" x", add_special_tokens=False)["input_ids"]) + (k + 1 < len(ids))
+    return ids
 
-    def __init__(self, tok, eos: int, max_new_tokens: int, stop_lines: int | None):
-        self.eos, self.budget, self.stop_lines = eos, max_new_tokens, stop_lines
-        self.newlines = newline_counts(tok) if stop_lines else None
+
+class _Rules:
+    """How samples are written and when they end: at EOS, at the line break after line ``stop_lines``
+    (if set), or at ``max_new_tokens``; with ``forced`` (:func:`field_name_tokens`) each line starts
+    with its field name written for the model (structured decoding: the values are sampled)."""
+
+    def __init__(self, tok, eos: int, max_new_tokens: int, stop_lines: int | None,
+                 forced: list[list[int]] | None = None):
+        self.eos, self.budget, self.stop_lines, self.forced = eos, max_new_tokens, stop_lines, forced
+        self.breaks = line_breaks(tok) if stop_lines or forced else None
+
+    def start(self) -> Drawn:
+        return Drawn(forced=list(self.forced[0]) if self.forced else [])
+
+    def choose(self, d: Drawn, sampled: int) -> int:
+        """The token sample ``d`` writes next: a forced field-name token, else the sampled one."""
+        return d.forced.pop(0) if d.forced else sampled
 
     def add(self, d: Drawn, t: int) -> bool:
         """Append token ``t`` to ``d``; True if the sample has ended."""
@@ -154,11 +177,13 @@ class _Ending:
             d.ended = "eos"
             return True
         d.ids.append(t)
-        if self.newlines is not None and t < len(self.newlines):
-            d.newlines += int(self.newlines[t])
-            if d.newlines >= self.stop_lines:
+        if self.breaks is not None and t < len(self.breaks) and self.breaks[t]:
+            d.breaks += 1
+            if self.stop_lines and d.breaks >= self.stop_lines:
                 d.ended = "lines"
                 return True
+            if self.forced and d.breaks < len(self.forced):
+                d.forced = list(self.forced[d.breaks])
         if len(d.ids) >= self.budget:
             d.ended = "budget"
             return True
@@ -219,9 +244,9 @@ class LlamaDecoder:
         rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rot * sin
 
-    def prefill(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+    def prefill(self, x: torch.Tensor, slot: int, all_logits: bool = False) -> torch.Tensor:
         """Run ``x [T, H]`` (a prefix) into slot ``slot`` at positions ``0..T-1``; float logits of its last
-        position ``[V]``."""
+        position ``[V]`` (of every position ``[T, V]`` with ``all_logits``: teacher-forced scoring)."""
         t = x.shape[0]
         h = x.to(self.dtype)[None]
         cos, sin = self.cos[:t], self.sin[:t]
@@ -235,7 +260,7 @@ class LlamaDecoder:
             h = h + F.linear(att.transpose(1, 2).reshape(1, t, nq * d), *lw["o"])
             g, u = F.linear(self._rms(h, lw["ln2"]), *lw["gu"]).split(self.inter, dim=-1)
             h = h + F.linear(F.silu(g) * u, *lw["down"])
-        return F.linear(self._rms(h[0, -1], self.norm), *self.lm_head).float()
+        return F.linear(self._rms(h[0] if all_logits else h[0, -1], self.norm), *self.lm_head).float()
 
     def step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One decode step for slots ``0..m-1``: token ``tokens[b]`` at position ``pos[b]``; float logits ``[m, V]``.
@@ -288,7 +313,7 @@ def _prefix_embeds(model, tok, source: str) -> torch.Tensor:
 
 
 def _fast_loop(model, tok, sources: Sequence[str], *, temperature: float, top_p: float, seed: int, slots: int,
-               dtype: torch.dtype, ending: _Ending, prefilter: int,
+               dtype: torch.dtype, ending: _Rules, prefilter: int,
                on_done: Callable[[int], None] | None) -> list[Drawn]:
     """Slot refill over :class:`LlamaDecoder`: the active samples always sit in slots ``0..m-1``."""
     from peft import PeftModel
@@ -309,7 +334,7 @@ def _fast_loop(model, tok, sources: Sequence[str], *, temperature: float, top_p:
         stash[s] = ([dec.k[li][0, :, :n].clone() for li in range(n_layers)],
                     [dec.v[li][0, :, :n].clone() for li in range(n_layers)], first)
 
-    out = [Drawn() for _ in sources]
+    out = [ending.start() for _ in sources]
     pending = iter(range(len(sources)))
     sample: list[int] = []   # the sample in slot b; slots 0..m-1 are the active ones
     length: list[int] = []   # cache rows filled in slot b = the position of its next input token
@@ -342,7 +367,8 @@ def _fast_loop(model, tok, sources: Sequence[str], *, temperature: float, top_p:
         tokens = draw(slice(0, len(sample)), sample, steps)
         b = 0
         while b < len(sample):          # settle every slot: each ends with a token to feed, or is removed
-            i, t = sample[b], tokens[b]
+            i = sample[b]
+            t = tokens[b] = ending.choose(out[i], tokens[b])
             steps[b] += 1
             if not ending.add(out[i], t):
                 b += 1
@@ -368,14 +394,14 @@ def _fast_loop(model, tok, sources: Sequence[str], *, temperature: float, top_p:
 
 # ------------------------------------------------------------------------------------ generic path
 def _generic_loop(model, tok, sources: Sequence[str], *, temperature: float, top_p: float, seed: int, slots: int,
-                  ending: _Ending, pad: int, on_done: Callable[[int], None] | None) -> list[Drawn]:
+                  ending: _Rules, pad: int, on_done: Callable[[int], None] | None) -> list[Drawn]:
     """Batches of ``slots`` samples through the model's own forward and KV cache (no refill)."""
     from peft import PeftModel
 
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     seq2seq = bool(getattr(base.config, "is_encoder_decoder", False))
     dev = base.device
-    out = [Drawn() for _ in sources]
+    out = [ending.start() for _ in sources]
     for start in range(0, len(sources), slots):
         chunk = list(range(start, min(start + slots, len(sources))))
         embs = [_prefix_embeds(model, tok, sources[i]) for i in chunk]
@@ -401,6 +427,7 @@ def _generic_loop(model, tok, sources: Sequence[str], *, temperature: float, top
             cache = res.past_key_values
             u = torch.from_numpy(uniforms(seed, chunk, step)).to(dev)
             toks = nucleus_draw(res.logits[:, -1], u, temperature, top_p, PREFILTER).tolist()
+            toks = [t if done[r] else ending.choose(out[chunk[r]], t) for r, t in enumerate(toks)]
             for r, t in enumerate(toks):
                 if not done[r] and ending.add(out[chunk[r]], t):
                     done[r] = True
@@ -428,11 +455,15 @@ def uses_fast_path(model) -> bool:
 @torch.no_grad()
 def draw_samples(model, tok, sources: Sequence[str], *, max_new_tokens: int, temperature: float, top_p: float,
                  seed: int, slots: int = 64, dtype: str = "bfloat16", stop_lines: int | None = None,
+                 field_names: Sequence[str] | None = None,
                  on_done: Callable[[int], None] | None = None) -> list[Drawn]:
     """One sampled continuation per source (see the module doc); ``on_done(i)`` as each sample ends.
 
-    ``stop_lines``: end a sample at its ``stop_lines``-th newline (a serialisation with that many lines
-    is complete there; :class:`Drawn` says which samples ended so rather than with EOS)."""
+    ``stop_lines``: end a sample at the line break after its ``stop_lines``-th line (a serialisation
+    with that many lines is complete there; :class:`Drawn` says which samples ended so rather than
+    with EOS). ``field_names``: write ``"<name>:"`` at the start of line k for the model (the k-th
+    name), so that a sample's lines carry the serialisation's field names in order; ignored (None
+    returned by :func:`field_name_tokens`) for a tokenizer that merges line breaks with text."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if tok.eos_token_id is None:
@@ -441,7 +472,8 @@ def draw_samples(model, tok, sources: Sequence[str], *, max_new_tokens: int, tem
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     if not sources:
         return []
-    ending = _Ending(tok, eos, max_new_tokens, stop_lines)
+    forced = field_name_tokens(tok, field_names) if field_names else None
+    ending = _Rules(tok, eos, max_new_tokens, stop_lines, forced)
     if uses_fast_path(model):
         return _fast_loop(model, tok, sources, temperature=temperature, top_p=top_p, seed=seed, slots=slots,
                           dtype=DTYPES[dtype], ending=ending, prefilter=PREFILTER, on_done=on_done)

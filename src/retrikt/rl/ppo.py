@@ -164,8 +164,9 @@ class SoftPromptPPO:
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: PPOConfig, reward_fn: RewardFn,
-                 stop_lines: int | None = None) -> None:
-        self.model, self.tok, self.reward_fn, self.stop_lines = model, tokenizer, reward_fn, stop_lines
+                 stop_lines: int | None = None, field_names: Sequence[str] | None = None) -> None:
+        self.model, self.tok, self.reward_fn = model, tokenizer, reward_fn
+        self.stop_lines, self.field_names = stop_lines, field_names
         self.cfg = cfg = config.rl
         self.base = model.get_base_model()
         self.embed = self.base.get_input_embeddings()
@@ -239,14 +240,15 @@ class SoftPromptPPO:
         self._calls += 1
         drawn = draw_samples(self.model, self.tok, list(conditions), max_new_tokens=self.cfg.max_new_tokens,
                              temperature=self.cfg.temperature, top_p=self.cfg.top_p, seed=self.rollout_seed(),
-                             slots=len(conditions), dtype=self.cfg.dtype, stop_lines=self.stop_lines)
+                             slots=len(conditions), dtype=self.cfg.dtype, stop_lines=self.stop_lines,
+                             field_names=self.field_names)
         rows = [d.ids + [self.eos_id] * (d.ended == "eos") for d in drawn]
         width = max(1, max(len(r) for r in rows))
         r_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         r_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             r_ids[i, :len(r)], r_mask[i, :len(r)] = torch.tensor(r, dtype=torch.long), 1
-        texts = [decode(self.tok, d, self.stop_lines) for d in drawn]
+        texts = [decode(self.tok, d) for d in drawn]
         return Rollout(q_ids, q_mask, r_ids.to(self.device), r_mask.to(self.device), texts,
                        finished=[d.finished for d in drawn])
 

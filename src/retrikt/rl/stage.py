@@ -81,11 +81,17 @@ class RolloutReward:
         return out
 
 
+def structure(task: Task, rp) -> dict:
+    """The sampler's structure settings for this task: end at the last line, force the field names."""
+    return {"stop_lines": len(task.line_names) if rp.end_at_last_line else None,
+            "field_names": task.line_names if rp.force_field_names else None}
+
+
 def rollout_quality(model, tok, reward: RolloutReward, conditions: list[str], rp, seed: int) -> dict[str, float]:
     """Reward-model confidence, agreement, parse rate and self-BLEU of seeded evaluation rollouts."""
     drawn = sample_full(model, tok, conditions, max_new_tokens=rp.max_new_tokens, temperature=rp.temperature,
                         top_p=rp.top_p, batch_size=len(conditions), seed=seed, dtype=rp.dtype,
-                        stop_lines=len(reward.task.line_names) if rp.end_at_last_line else None)
+                        **structure(reward.task, rp))
     r = reward(drawn.texts, conditions, drawn.finished)
     return {"confidence": r["mean_accuracy"], "rm_accuracy": r["rm_accuracy"], "self_bleu": r["self_bleu"],
             "parse_rate": 1.0 - r["mean_parse_fail"], "finished_rate": float(np.mean(drawn.finished)),
@@ -96,7 +102,7 @@ def _train_ours(model, tok, reward, draw, rp, seed: int, run) -> None:
     from retrikt.rl.ppo import PPOConfig, SoftPromptPPO
 
     cfg = PPOConfig(rp, seed)
-    trainer = SoftPromptPPO(model, tok, cfg, reward, len(reward.task.line_names) if rp.end_at_last_line else None)
+    trainer = SoftPromptPPO(model, tok, cfg, reward, **structure(reward.task, rp))
 
     def log_update(i: int, stats: dict) -> None:
         keep = ("reward", "accuracy", "diversity", "length_penalty", "parse_fail", "kl", "kl_coef", "self_bleu",
