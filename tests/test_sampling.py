@@ -175,7 +175,8 @@ def test_a_sample_can_end_at_its_last_line(tiny_causal_dir):
 
 
 def test_field_names_are_written_at_each_line_start(tiny_causal_dir):
-    """Whatever the model samples, each line starts with its field name; the values are the model's."""
+    """Whatever the model samples, each line starts with its field name and it cannot stop before its last
+    line; the values are the model's."""
     model, tok = load_generator(tiny_causal_dir)
     torch.manual_seed(0)
     for p in model.parameters():
@@ -188,8 +189,25 @@ def test_field_names_are_written_at_each_line_start(tiny_causal_dir):
                          field_names=names)
     for d in drawn:
         assert d.ids[:len(forced[0])] == forced[0]
+        assert d.ended != "eos" or d.breaks >= 1  # no EOS before the last line has begun
         lines = tok.decode(d.ids).split("\n")
         assert lines[0].startswith("premise:")
         if d.breaks >= 1:  # (a sample cut by the budget may stop inside the name)
             second = lines[1].lstrip()
             assert second.startswith("hypothesis:") or (d.ended == "budget" and "hypothesis:".startswith(second))
+
+
+def test_structured_decoding_rules_out_eos_before_the_last_line(tiny_causal_dir):
+    _, tok = load_generator(tiny_causal_dir)
+    names = ("premise", "hypothesis")
+    rules = _Rules(tok, tok.eos_token_id, 50, 2, field_name_tokens(tok, names))
+    first, last = rules.start(), rules.start()
+    last.breaks = 1
+    logits = torch.zeros(2, len(tok))
+    logits[:, tok.eos_token_id] = 10.0  # EOS all but certain
+    blocked = rules.block(logits, [first, last])
+    assert blocked[0, tok.eos_token_id] == float("-inf") and blocked[1, tok.eos_token_id] == 10.0
+    assert logits[0, tok.eos_token_id] == 10.0  # the caller's logits are left alone
+    assert rules.choose(first, 7) == field_name_tokens(tok, names)[0][0]  # the name comes first
+    plain = _Rules(tok, tok.eos_token_id, 50, 2)
+    assert plain.block(logits, [first, last]) is logits  # no field names, no rule

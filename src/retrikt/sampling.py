@@ -157,7 +157,8 @@ def field_name_tokens(tok, names: Sequence[str]) -> list[list[int]] | None:
 class _Rules:
     """How samples are written and when they end: at EOS, at the line break after line ``stop_lines``
     (if set), or at ``max_new_tokens``; with ``forced`` (:func:`field_name_tokens`) each line starts
-    with its field name written for the model (structured decoding: the values are sampled)."""
+    with its field name written for the model and EOS is ruled out before the last line has begun
+    (structured decoding: the values are sampled)."""
 
     def __init__(self, tok, eos: int, max_new_tokens: int, stop_lines: int | None,
                  forced: list[list[int]] | None = None):
@@ -166,6 +167,18 @@ class _Rules:
 
     def start(self) -> Drawn:
         return Drawn(forced=list(self.forced[0]) if self.forced else [])
+
+    def blocks_eos(self, d: Drawn) -> bool:
+        """With forced field names, a sample may not end before its last line has begun."""
+        return bool(self.forced) and d.breaks < len(self.forced) - 1
+
+    def block(self, logits: torch.Tensor, drawn: Sequence[Drawn]) -> torch.Tensor:
+        """``logits`` (one row per sample in ``drawn``) with EOS ruled out where :meth:`blocks_eos`."""
+        rows = [r for r, d in enumerate(drawn) if self.blocks_eos(d)]
+        if rows:
+            logits = logits.clone()
+            logits[rows, self.eos] = float("-inf")
+        return logits
 
     def choose(self, d: Drawn, sampled: int) -> int:
         """The token sample ``d`` writes next: a forced field-name token, else the sampled one."""
@@ -227,7 +240,8 @@ class LlamaDecoder:
         pos = torch.arange(max_len, device=dev)[None]
         probe = torch.zeros(1, dtype=torch.float32, device=dev)
         cos, sin = core.rotary_emb(probe, pos)                     # [1, L, D] in float32
-        self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)
+        half = cos.shape[-1] // 2
+        self.cos, self.sin = cos[0].to(dtype), torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1).to(dtype)
         shape = (len(self.layers), slots, self.n_kv, max_len, self.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=dev)
         self.v = torch.zeros(shape, dtype=dtype, device=dev)
@@ -235,14 +249,13 @@ class LlamaDecoder:
         self.inter = self.layers[0]["gu"][0].shape[0] // 2
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.dtype)
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of ``x [..., D]``: ``x·cos + rotate_half(x)·sin`` (sin's first half negated
+        once in __init__, so rotate_half is a plain swap of the halves)."""
         half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rot * sin
+        return torch.addcmul(x * cos, torch.cat((x[..., half:], x[..., :half]), dim=-1), sin)
 
     def prefill(self, x: torch.Tensor, slot: int, all_logits: bool = False) -> torch.Tensor:
         """Run ``x [T, H]`` (a prefix) into slot ``slot`` at positions ``0..T-1``; float logits of its last
@@ -274,19 +287,21 @@ class LlamaDecoder:
         bias = torch.zeros(m, 1, 1, span, device=self.device).masked_fill(keys > pos[:, None, None, None],
                                                                           float("-inf"))
         nq, nk, d = self.n_heads, self.n_kv, self.head_dim
-        rows = torch.arange(m, device=self.device)
+        # where each slot's new K/V rows go in a layer's cache viewed as [slots * kv_heads * max_len, D]
+        rows = ((torch.arange(m, device=self.device)[:, None] * nk + torch.arange(nk, device=self.device))
+                * self.max_len + pos[:, None]).reshape(-1)
         for li, lw in enumerate(self.layers):
             qkv = F.linear(self._rms(h, lw["ln1"]), *lw["qkv"]).view(m, nq + 2 * nk, d)
-            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            qk = self._rope(qkv[:, :nq + nk], cos, sin)
             kc, vc = self.k[li], self.v[li]
-            kc[rows, :, pos], vc[rows, :, pos] = k, v
-            scores = torch.matmul(q.reshape(m, nk, nq // nk, d), kc[:m, :, :span].transpose(-1, -2))
-            weights = (scores.float() * self.scale + bias).softmax(-1).to(self.dtype)
+            kc.view(-1, d).index_copy_(0, rows, qk[:, nq:].reshape(-1, d))
+            vc.view(-1, d).index_copy_(0, rows, qkv[:, nq + nk:].reshape(-1, d))
+            scores = torch.matmul(qk[:, :nq].reshape(m, nk, nq // nk, d), kc[:m, :, :span].transpose(-1, -2))
+            weights = scores.float().mul_(self.scale).add_(bias).softmax(-1).to(self.dtype)
             att = torch.matmul(weights, vc[:m, :, :span]).reshape(m, nq * d)
             h = h + F.linear(att, *lw["o"])
             g, u = F.linear(self._rms(h, lw["ln2"]), *lw["gu"]).split(self.inter, dim=-1)
-            h = h + F.linear(F.silu(g) * u, *lw["down"])
+            h = h + F.linear(F.silu(g).mul_(u), *lw["down"])
         return F.linear(self._rms(h, self.norm), *self.lm_head).float()
 
     def move(self, src: int, dst: int, n: int) -> None:
@@ -343,7 +358,8 @@ def _fast_loop(model, tok, sources: Sequence[str], *, temperature: float, top_p:
 
     def draw(rows: slice, ids: list[int], at: list[int]) -> list[int]:
         u = torch.from_numpy(uniforms(seed, ids, at)).to(dev)
-        return nucleus_draw(logits[rows], u, temperature, top_p, prefilter).tolist()
+        return nucleus_draw(ending.block(logits[rows], [out[i] for i in ids]), u, temperature, top_p,
+                            prefilter).tolist()
 
     def load(b: int) -> bool:
         """The next pending sample into slot b: prefix K/V and first-token logits from the stash."""
@@ -426,7 +442,8 @@ def _generic_loop(model, tok, sources: Sequence[str], *, temperature: float, top
             res = base(**kw, past_key_values=cache, use_cache=True)
             cache = res.past_key_values
             u = torch.from_numpy(uniforms(seed, chunk, step)).to(dev)
-            toks = nucleus_draw(res.logits[:, -1], u, temperature, top_p, PREFILTER).tolist()
+            toks = nucleus_draw(ending.block(res.logits[:, -1], [out[i] for i in chunk]), u, temperature, top_p,
+                                PREFILTER).tolist()
             toks = [t if done[r] else ending.choose(out[chunk[r]], t) for r, t in enumerate(toks)]
             for r, t in enumerate(toks):
                 if not done[r] and ending.add(out[chunk[r]], t):
