@@ -120,7 +120,7 @@ class RLParams:
     max_new_tokens: Union[int, Literal["auto"]] = _f(lo=1, hi=2048)
     temperature: float = _f(lo=0, lo_open=True)
     top_p: float = _f(lo=0, hi=1, lo_open=True)
-    dtype: Literal["float32", "bfloat16"]  # compute dtype of the rollouts' sampler
+    dtype: Literal["float32", "bfloat16"]  # the frozen generator's compute dtype (sampling and the policy forward)
     end_at_last_line: bool
     force_field_names: bool
     label_sampling: Literal["uniform", "prior"]

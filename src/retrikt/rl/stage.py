@@ -25,6 +25,7 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from retrikt import paths
 from retrikt.classifier import Classifier
@@ -143,6 +144,8 @@ def ppo(params: Params, task_name: str, run) -> dict:
     reward = RolloutReward(task, rm, weights, bounds)
     # PEFT refuses is_trainable for saved prompt adapters: load frozen, then unfreeze the prompt only
     model, tok = load_with_prompt(paths.base_model("generator"), paths.prompt(task.name))
+    model.get_base_model().to(getattr(torch, rp.dtype))  # the frozen generator computes in rl.dtype ...
+    model.prompt_encoder.float()  # ... the prompt trains (and is saved) in float32
     model.prompt_encoder[model.active_adapter].requires_grad_(True)
     rp = dataclasses.replace(rp, max_new_tokens=length_budget(rp.max_new_tokens, tok, task, train))
     eval_conditions = balanced_conditions(task, rp.eval_samples)
