@@ -5,10 +5,7 @@
 - MLflow: one parent run per pipeline execution (keyed by git commit, DVC experiment name and the
   params.yaml hash, so every stage of one ``dvc repro``/``dvc exp run`` nests under the same parent),
   one nested run per stage with its params, metrics (per step for curves) and artifacts, tagged with
-  stage, task, seed, git commit and ``DVC_EXP_NAME``. The parent run carries the whole params.yaml as
-  params, runs from the first stage's start to the last stage's end, and gets the headline (metrics,
-  best-baseline tags, a description and the figures) from ``evaluate`` (:meth:`StageRun.set_pipeline_summary`).
-  The experiment is tagged as a model-training experiment (``mlflow.experimentKind``).
+  stage, task, seed, git commit and ``DVC_EXP_NAME``.
 - Store: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<repo>/mlflow.db`` where <repo> is the *main*
   checkout even when DVC runs a queued experiment in a temporary copy under ``.dvc/tmp/exps/``, so
   foreground and queued runs land in the same store. Artifacts go to ``<repo>/mlartifacts``.
@@ -34,10 +31,6 @@ from retrikt.paths import main_repo_root
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "retrikt"
-# MLflow 3's UI opens an experiment on the view of its kind; this tag says "model training". (MLflow
-# 3.17's UI also keeps a GenAI / Machine-learning switch of its own in the sidebar, default GenAI,
-# remembered per browser; a link with ``?workflowType=machine_learning`` sets it.)
-KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 TELEMETRY_ENV = {
     "DVC_NO_ANALYTICS": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -136,7 +129,6 @@ class StageRun:
         self.tags = dict(tags or {})
         self._mlflow = None
         self.run_id: str | None = None
-        self._parent_id: str | None = None
 
     # -- MLflow, guarded --------------------------------------------------------------------- #
     def _ml(self, fn, *args, **kwargs):
@@ -168,14 +160,10 @@ class StageRun:
             exp = client.get_experiment_by_name(EXPERIMENT)
             if exp is None:
                 art = (main_repo_root() / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
-                exp_id = client.create_experiment(EXPERIMENT, artifact_location=art, tags={KIND_TAG: KIND})
+                exp_id = client.create_experiment(EXPERIMENT, artifact_location=art)
             else:
                 exp_id = exp.experiment_id
-                if exp.tags.get(KIND_TAG) != KIND:  # a store made before the tag existed
-                    client.set_experiment_tag(exp_id, KIND_TAG, KIND)
             parent = self._parent_run(client, exp_id)
-            self._parent_id = parent
-            client.update_run(parent, status="RUNNING")  # until this stage ends
             commit = git_commit()
             tags = {"stage": self.stage, "git_commit": commit, "mlflow.parentRunId": parent,
                     "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"), **self.execution, **self.tags}
@@ -203,20 +191,8 @@ class StageRun:
         run = client.create_run(exp_id, run_name=f"pipeline/{exp_name}",
                                 tags={"pipeline_key": key, "git_commit": commit, "dvc_exp_name": exp_name,
                                       "stage": "pipeline"})
-        # the whole params.yaml (the key pins it), so the runs table compares pipelines' params too
-        try:
-            import yaml
-
-            raw = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")) or {}
-        except (OSError, ValueError):
-            raw = {}
-        flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in _flatten(raw).items()}
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
-        for i in range(0, len(items), 100):
-            client.log_batch(run.info.run_id, params=items[i:i + 100])
-        return run.info.run_id  # its end time follows the last stage that ends (``__exit__``)
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id
 
     # -- public API ---------------------------------------------------------------------------- #
     def __enter__(self) -> "StageRun":
@@ -259,31 +235,6 @@ class StageRun:
             fn = self._client.log_artifacts if Path(path).is_dir() else self._client.log_artifact
             self._ml(fn, self.run_id, str(path), artifact_path)
 
-    def set_pipeline_summary(self, metrics: dict[str, float], tags: dict[str, str] | None = None,
-                             description: str | None = None,
-                             artifacts: dict[str, str | os.PathLike] | None = None) -> None:
-        """The headline of the whole pipeline, on its parent run (so the runs table shows it without
-        expanding anything): ``metrics``, ``tags``, a markdown ``description`` (the run's note) and
-        ``artifacts`` (artifact folder -> file or folder)."""
-        if self._mlflow is None or self._parent_id is None:
-            return
-        from mlflow.entities import Metric, RunTag
-        import time
-
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, 0) for k, v in _flatten(metrics).items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-        if description:
-            run_tags.append(RunTag("mlflow.note.content", description))
-        for i in range(0, max(len(items), 1), 1000):
-            self._ml(self._client.log_batch, self._parent_id, metrics=items[i:i + 1000],
-                     tags=run_tags if i == 0 else [])
-        for folder, path in (artifacts or {}).items():
-            if Path(path).exists():
-                fn = self._client.log_artifacts if Path(path).is_dir() else self._client.log_artifact
-                self._ml(fn, self._parent_id, str(path), folder or None)
-
     def write_files(self) -> None:
         for name, rows in self.plot_rows.items():
             path = self.plot_paths.get(name)
@@ -301,5 +252,3 @@ class StageRun:
         if self._mlflow is not None:
             status = "FINISHED" if exc_type is None else "FAILED"
             self._ml(self._client.set_terminated, self.run_id, status)
-            if self._parent_id is not None:  # the pipeline's duration: first stage start -> last stage end
-                self._ml(self._client.set_terminated, self._parent_id, status)
