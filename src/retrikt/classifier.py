@@ -8,6 +8,7 @@ sentence-transformers pooling all-MiniLM-L6-v2 was trained with), so inner produ
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 
 from retrikt.device import get_device, to_device
 from retrikt.io import atomic_dir, atomic_write_json, read_json
+from retrikt.progress import bar
 from retrikt.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,21 @@ META = "retrikt_classifier.json"
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def _report_new_head(model, info: dict, base_dir: str | Path) -> None:
+    """One line about the freshly initialised head; a warning if weights of the base model itself
+    were missing (that is not expected and would be a broken base folder)."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    missing = sorted(info.get("missing_keys", ()))
+    body = [k for k in missing if k.startswith(prefix)]
+    if body:
+        log.warning("%s: %d base-model weights missing and newly initialised: %s", base_dir, len(body),
+                    ", ".join(body[:8]) + (" ..." if len(body) > 8 else ""))
+    head = [k for k in missing if not k.startswith(prefix)]
+    unused = sorted(info.get("unexpected_keys", ()))
+    log.info("%s: new %d-class head (%s)%s", base_dir, model.config.num_labels, ", ".join(head) or "none",
+             f"; {len(unused)} checkpoint weights unused" if unused else "")
 
 
 class Classifier:
@@ -48,9 +65,13 @@ class Classifier:
         on :func:`retrikt.device.get_device` (truncated first, so dropped layers never travel)."""
         import transformers as tf
 
-        model = tf.AutoModelForSequenceClassification.from_pretrained(
-            base_dir, num_labels=task.num_labels, dtype="float32",
-            id2label=dict(enumerate(task.labels)), label2id={n: i for i, n in enumerate(task.labels)})
+        from retrikt.progress import quiet_load_report
+
+        with quiet_load_report():  # the head is new by design: say so in one line, not a table
+            model, info = tf.AutoModelForSequenceClassification.from_pretrained(
+                base_dir, num_labels=task.num_labels, dtype="float32", output_loading_info=True,
+                id2label=dict(enumerate(task.labels)), label2id={n: i for i, n in enumerate(task.labels)})
+        _report_new_head(model, info, base_dir)
         if num_layers is not None:
             from retrikt.models import truncate_encoder
 
@@ -91,18 +112,26 @@ class Classifier:
         return out, enc
 
     @torch.no_grad()
-    def _batched(self, examples: Sequence[dict], fn: Callable, batch_size: int) -> np.ndarray:
+    def _batched(self, examples: Sequence[dict], fn: Callable, batch_size: int, desc: str | None) -> np.ndarray:
+        """``fn`` over batches of ``examples``, in eval mode; a progress bar (unit: example) if ``desc``."""
         was_training = self.model.training
         self.model.eval()
-        parts = [fn(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+        parts = []
+        with contextlib.ExitStack() as stack:
+            b = stack.enter_context(bar(total=len(examples), desc=desc, unit="example")) if desc else None
+            for i in range(0, len(examples), batch_size):
+                parts.append(fn(examples[i:i + batch_size]))
+                if b is not None:
+                    b.update(len(parts[-1]))
         self.model.train(was_training)
         return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
 
-    def logits(self, examples: Sequence[dict], batch_size: int = 32) -> np.ndarray:
-        return self._batched(examples, lambda b: self.forward(b)[0].logits.float().cpu().numpy(), batch_size)
+    def logits(self, examples: Sequence[dict], batch_size: int = 32, desc: str | None = None) -> np.ndarray:
+        """Logits ``[N, C]``; ``desc`` names a progress bar (leave it None for small or repeated calls)."""
+        return self._batched(examples, lambda b: self.forward(b)[0].logits.float().cpu().numpy(), batch_size, desc)
 
-    def predict_proba(self, examples: Sequence[dict], batch_size: int = 32) -> np.ndarray:
-        z = self.logits(examples, batch_size)
+    def predict_proba(self, examples: Sequence[dict], batch_size: int = 32, desc: str | None = None) -> np.ndarray:
+        z = self.logits(examples, batch_size, desc)
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -112,8 +141,9 @@ class Classifier:
         out, enc = self.forward(examples, hidden=True)
         return torch.nn.functional.normalize(mean_pool(out.hidden_states[-1], enc["attention_mask"]), dim=-1)
 
-    def embed(self, examples: Sequence[dict], batch_size: int = 32) -> np.ndarray:
-        return self._batched(examples, lambda b: self.embed_tensor(b).float().cpu().numpy(), batch_size)
+    def embed(self, examples: Sequence[dict], batch_size: int = 32, desc: str | None = None) -> np.ndarray:
+        """L2-normalised embeddings ``[N, H]``; ``desc`` names a progress bar."""
+        return self._batched(examples, lambda b: self.embed_tensor(b).float().cpu().numpy(), batch_size, desc)
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator | None, shuffle: bool = True) -> Iterator[list[int]]:
@@ -161,38 +191,49 @@ def ce_objective(clf: Classifier, train: Sequence[dict]) -> Objective:
 
 def fit(objective: Objective, student: Classifier, validation: Sequence[dict], *, epochs: int, lr: float,
         batch_size: int, seed: int, weight_decay: float, warmup_ratio: float,
-        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
-    """AdamW + linear warm-up/decay over ``objective``; one history row per epoch (validation metrics)."""
+        on_epoch: Callable[[dict], None] | None = None, desc: str = "train") -> list[dict]:
+    """AdamW + linear warm-up/decay over ``objective``; one history row per epoch (validation metrics).
+
+    Progress (:mod:`retrikt.progress`): a bar over the epochs named ``desc`` and one per epoch over its
+    batches with the running mean loss; off a terminal, one line per epoch (loss and validation metrics).
+    """
     task = student.task
     gen = torch.Generator().manual_seed(seed)  # CPU: it only shuffles indices
     opt = torch.optim.AdamW(student.model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = linear_warmup(opt, epochs * math.ceil(objective.n_items / batch_size), warmup_ratio)
+    steps = math.ceil(objective.n_items / batch_size)
+    sched = linear_warmup(opt, epochs * steps, warmup_ratio)
     history = []
-    for epoch in range(1, epochs + 1):
-        student.model.train()
-        total, n = 0.0, 0
-        for idx in batches(objective.n_items, batch_size, gen):
-            loss = objective.loss(idx)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            total, n = total + loss.item() * len(idx), n + len(idx)
-        preds = objective.predict(validation).argmax(1).tolist()
-        metrics = task.compute_metrics([r["label"] for r in validation], preds)
-        row = {"epoch": epoch, "train_loss": total / max(n, 1), **{f"val_{k}": v for k, v in metrics.items()}}
-        history.append(row)
-        log.info("epoch %d: %s", epoch, row)
-        if on_epoch:
-            on_epoch(row)
+    with bar(total=epochs, desc=desc, unit="epoch") as run_bar:
+        for epoch in range(1, epochs + 1):
+            student.model.train()
+            total, n = 0.0, 0
+            with bar(total=steps, desc=f"{desc} epoch {epoch}/{epochs}", unit="batch") as epoch_bar:
+                for idx in batches(objective.n_items, batch_size, gen):
+                    loss = objective.loss(idx)
+                    opt.zero_grad()
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(student.model.parameters(), 1.0)
+                    opt.step()
+                    sched.step()
+                    total, n = total + loss.item() * len(idx), n + len(idx)
+                    epoch_bar.update(1)
+                    epoch_bar.set_postfix(loss=total / n)
+                preds = objective.predict(validation).argmax(1).tolist()
+                metrics = task.compute_metrics([r["label"] for r in validation], preds)
+                epoch_bar.set_postfix(**{f"val_{k}": v for k, v in metrics.items()})
+            row = {"epoch": epoch, "train_loss": total / max(n, 1), **{f"val_{k}": v for k, v in metrics.items()}}
+            history.append(row)
+            run_bar.update(1)
+            run_bar.set_postfix(loss=row["train_loss"], **{f"val_{k}": v for k, v in metrics.items()})
+            if on_epoch:
+                on_epoch(row)
     student.model.eval()
     return history
 
 
 def train_classifier(clf: Classifier, train: Sequence[dict], validation: Sequence[dict], *, epochs: int, lr: float,
-                     batch_size: int, seed: int, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
-                     on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+                     batch_size: int, seed: int, weight_decay: float, warmup_ratio: float,
+                     on_epoch: Callable[[dict], None] | None = None, desc: str = "train") -> list[dict]:
     """Cross-entropy fine-tuning on gold labels (the teacher; the ``finetune`` student)."""
     return fit(ce_objective(clf, train), clf, validation, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-               weight_decay=weight_decay, warmup_ratio=warmup_ratio, on_epoch=on_epoch)
+               weight_decay=weight_decay, warmup_ratio=warmup_ratio, on_epoch=on_epoch, desc=desc)

@@ -22,6 +22,7 @@ from retrikt import paths, store
 from retrikt.classifier import Classifier
 from retrikt.io import read_jsonl
 from retrikt.params import Params
+from retrikt.progress import bar
 from retrikt.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,12 @@ def index(params: Params, task_name: str, run) -> dict:
     teacher = Classifier.load(teacher_dir)
 
     t0 = time.perf_counter()
-    emb = teacher.embed(entries)
+    emb = teacher.embed(entries, desc=f"index {task.name}: embed the store")
     embed_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    idx = store.build_index(emb, ip.type, ip.nlist, ip.hnsw_m, params.seed)
+    with bar(total=len(entries), desc=f"index {task.name}: build {ip.type}", unit="entry") as b:
+        idx = store.build_index(emb, ip.type, ip.nlist, ip.hnsw_m, params.seed)
+        b.update(len(entries))
     build_seconds = time.perf_counter() - t0
 
     out_dir = store.index_dir(task.name)

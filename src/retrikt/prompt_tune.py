@@ -28,6 +28,7 @@ from retrikt.generator import attach_prompt, nll, source_text, target_text, toke
 from retrikt.io import DataError, atomic_dir, atomic_write_json, read_jsonl
 from retrikt.models import is_seq2seq, load_generator, model_info
 from retrikt.params import Params
+from retrikt.progress import bar
 from retrikt.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -70,21 +71,28 @@ def prompt_tune(params: Params, task_name: str, run) -> dict:
              len(train), n_trainable, before)
     gen = torch.Generator().manual_seed(params.seed)
     train_nll, after, start = train_before, before, time.time()
-    for epoch in range(1, pp.epochs + 1):
-        t0, total, count = time.time(), 0.0, 0
-        for idx in batches(len(train), pp.batch_size, gen):
-            batch = tokenize_for_training(tok, *texts([train[i] for i in idx]), pp.max_length, seq2seq)
-            loss_sum, n = token_nll(model, batch, seq2seq)
-            if n == 0:  # every target cut off by max_length
-                continue
-            opt.zero_grad()
-            (loss_sum / n).backward()
-            opt.step()
-            total, count = total + loss_sum.item(), count + n
-        train_nll, after = total / max(count, 1), val_nll()
-        run.add_plot_row("prompt_tune_curve", {"epoch": epoch, "train_nll": train_nll, "val_nll": after},
-                         step_key="epoch")
-        log.info("epoch %d: train NLL %.4f, val NLL %.4f (%.0f s)", epoch, train_nll, after, time.time() - t0)
+    steps = -(-len(train) // pp.batch_size)
+    with bar(total=pp.epochs, desc=f"prompt_tune {task.name}", unit="epoch") as run_bar:
+        for epoch in range(1, pp.epochs + 1):
+            total, count = 0.0, 0
+            with bar(total=steps, desc=f"prompt_tune {task.name} epoch {epoch}/{pp.epochs}", unit="batch") as b:
+                for idx in batches(len(train), pp.batch_size, gen):
+                    batch = tokenize_for_training(tok, *texts([train[i] for i in idx]), pp.max_length, seq2seq)
+                    loss_sum, n = token_nll(model, batch, seq2seq)
+                    b.update(1)
+                    if n == 0:  # every target cut off by max_length
+                        continue
+                    opt.zero_grad()
+                    (loss_sum / n).backward()
+                    opt.step()
+                    total, count = total + loss_sum.item(), count + n
+                    b.set_postfix(train_nll=total / count)
+                train_nll, after = total / max(count, 1), val_nll()
+                b.set_postfix(train_nll=train_nll, val_nll=after)
+            run.add_plot_row("prompt_tune_curve", {"epoch": epoch, "train_nll": train_nll, "val_nll": after},
+                             step_key="epoch")
+            run_bar.update(1)
+            run_bar.set_postfix(val_nll=after)
 
     with atomic_dir(paths.prompt(task.name)) as tmp:
         model.save_pretrained(tmp)

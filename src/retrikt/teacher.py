@@ -29,7 +29,8 @@ def teacher(params: Params, task_name: str, run) -> dict:
     clf = Classifier.from_base(paths.base_model(tp.model), task, tp.max_length)
     train_classifier(clf, train, validation, epochs=tp.epochs, lr=tp.lr, batch_size=tp.batch_size, seed=params.seed,
                      weight_decay=tp.weight_decay, warmup_ratio=tp.warmup_ratio,
-                     on_epoch=lambda row: run.add_plot_row("teacher_curve", row, step_key="epoch"))
+                     on_epoch=lambda row: run.add_plot_row("teacher_curve", row, step_key="epoch"),
+                     desc=f"teacher {task.name}")
     metrics, proba = evaluate(clf, validation)
     clf.save(paths.teacher(task.name), extra={"base": tp.model})
     write_predictions(task.name, "teacher", validation, proba)
