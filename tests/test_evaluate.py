@@ -2,7 +2,8 @@
 
 Synthetic inputs for cb (3 classes, 30 validation rows) x L2/L4 x seeds 0/1 x 6 methods + teacher.
 A model's predictions are gold except on its first k rows (predicted as the next class), so its
-accuracy is 1 - k/30 and every number below can be worked out by hand.
+accuracy is 1 - k/30 and every number below can be worked out by hand. The train split has 10
+contradiction, 6 entailment and 4 neutral rows (majority class: contradiction), the store 6 entries.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import pytest
 import yaml
 
 from retrikt import paths
-from retrikt.evaluate import (METRICS_JSON, RESULTS_JSON, RESULTS_MD, build_results, confusion_counts, evaluate,
-                              mean_std, metric_from_confusion, paired_bootstrap, ppo_before_after, render_markdown)
-from retrikt.io import atomic_write_json, read_json
+from retrikt.evaluate import METRICS_JSON, RESULTS_JSON, RESULTS_MD, build_results, evaluate
+from retrikt.io import atomic_write_json, read_json, write_jsonl
 from retrikt.params import parse_params
+from retrikt.report.markdown import render_markdown
+from retrikt.report.stats import gap_closed, majority_class, mean_std, paired_bootstrap, ppo_before_after
 from retrikt.tasks import get_task
 
 from .conftest import REPO
@@ -38,6 +40,8 @@ WRONG = {
         "retrikt": (0, 0)},
 }
 LATENCY = (1.0, 2.0)
+RATIO = {"retrikt": (1.3, 1.1)}  # A/B serving / plain forward per seed; every other method 1.05
+TRAIN_LABELS = [1] * 10 + [0] * 6 + [2] * 4
 
 
 class FakeRun:
@@ -46,12 +50,16 @@ class FakeRun:
     def __init__(self) -> None:
         self.metrics: dict = {}
         self.artifacts: list[str] = []
+        self.summary: dict = {}
 
     def set_metrics(self, metrics: dict) -> None:
         self.metrics.update(metrics)
 
     def log_artifact(self, path, artifact_path=None) -> None:
         self.artifacts.append(str(path))
+
+    def set_pipeline_summary(self, metrics, tags=None, description=None, artifacts=None) -> None:
+        self.summary = {"metrics": metrics, "tags": tags, "description": description, "artifacts": artifacts}
 
 
 RAW = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -84,7 +92,8 @@ def _write_inputs() -> None:
         for method, ks in by_method.items():
             for seed, k in zip((0, 1), ks):
                 extra = {"parameters": 1000 * layers, "train_seconds": 10.0 + seed, "latency_ms": LATENCY[seed],
-                         "forward_latency_ms": 0.5, "store_bytes": 4096 if method == "retrikt" else 0,
+                         "forward_latency_ms": 0.5, "latency_ratio": RATIO.get(method, (1.05, 1.05))[seed],
+                         "store_bytes": {"retrikt": 4096, "retrikt_kd": 1024}.get(method, 0),
                          "model_bytes": 4000 * layers}
                 _write_model("cb", f"{method}-L{layers}-s{seed}", _preds(k),
                              paths.student_metrics("cb", method, layers, seed), extra)
@@ -99,6 +108,16 @@ def _write_inputs() -> None:
                       [{"update": u, "reward": 0.1 * u, "acc": 0.5, "div": 0.2, "kl": 0.01 * u} for u in (1, 2, 3)])
     atomic_write_json(paths.plot("cb", "student_curve-retrikt-L2-s0"),
                       [{"epoch": e, "train_loss": 1.0 / e, "val_accuracy": 0.6 + 0.1 * e} for e in (1, 2)])
+    train = [{"premise": f"a premise with {i} words " * (1 + i % 3), "hypothesis": "a hypothesis", "idx": i,
+              "label": y} for i, y in enumerate(TRAIN_LABELS)]
+    write_jsonl(paths.split_file("cb", "train"), train)
+    write_jsonl(paths.split_file("cb", "validation"),
+                [{"premise": f"validation premise {i}", "hypothesis": "h", "idx": i, "label": y}
+                 for i, y in enumerate(GOLD)])
+    soft = [[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.5, 0.3, 0.2], [0.3, 0.4, 0.3], [0.1, 0.2, 0.7]]
+    write_jsonl(paths.store("cb") / "entries.jsonl",
+                [{"id": i, "premise": "generated premise " * (i + 1), "hypothesis": "generated", "label": i % 3,
+                  "soft_label": p, "text": ""} for i, p in enumerate(soft)])
 
 
 @dataclass
@@ -135,7 +154,8 @@ SMALL = {"student": {"layers": [2], "baselines": ["finetune", "mgskd"], "store_m
 
 def test_report_numbers_by_hand(report):
     res, metrics, run = report.results, report.metrics, report.run
-    l2 = res["tasks"]["cb"]["students"]["L2"]
+    cb = res["tasks"]["cb"]
+    l2 = cb["students"]["L2"]
     # finetune accuracies 15/30 = 0.5 and 18/30 = 0.6: mean 0.55, sample std |0.6 - 0.5| / sqrt(2)
     acc = l2["rows"]["finetune"]["metrics"]["accuracy"]
     assert acc["mean"] == pytest.approx(0.55) and acc["std"] == pytest.approx(0.1 / math.sqrt(2), abs=1e-6)
@@ -144,7 +164,9 @@ def test_report_numbers_by_hand(report):
     assert lat["mean"] == 1.5 and lat["std"] == pytest.approx(1 / math.sqrt(2), abs=1e-6)
     assert l2["rows"]["retrikt"]["cost"]["store_bytes"] == {"mean": 4096, "std": 0.0, "n": 2}
     assert l2["rows"]["teacher"]["metrics"]["accuracy"] == {"mean": 0.9, "std": None, "n": 1, "values": [0.9]}
-    # best baseline: mgskd (0.7, 0.8 -> 0.75) beats adkd (0.6667, 0.7), retrikt_kd (0.65), ...
+    # best baseline among the task-data baselines only: mgskd (0.7, 0.8 -> 0.75) beats adkd (0.6667, 0.7);
+    # retrikt_kd (0.65) is not a baseline but has its own comparison
+    assert res["baselines"] == ["finetune", "vanilla_kd", "mgskd", "adkd"]
     assert l2["best_baseline"] == "mgskd"
     comp = l2["comparison"]
     assert comp["delta"] == pytest.approx(0.95 - 0.75)
@@ -152,24 +174,48 @@ def test_report_numbers_by_hand(report):
     assert bs["estimate"] == pytest.approx(comp["delta"])
     assert bs["ci"][0] < comp["delta"] < bs["ci"][1] and bs["ci"][0] > 0
     assert bs["p_value"] < 0.01 and bs["samples"] == 1000 and bs["examples"] == N
+    kd = l2["vs_retrikt_kd"]
+    assert kd["baseline"] == "retrikt_kd" and kd["delta"] == pytest.approx(0.95 - 0.65)
+    assert kd["bootstrap"]["ci"][0] < kd["delta"] < kd["bootstrap"]["ci"][1]
+    # majority class of train: contradiction (10 of 20) -> 1/3 of the balanced validation rows;
+    # macro-F1: contradiction's F1 = 2*10/(10+30) = 0.5, the two others 0
+    assert cb["majority"] == {"class": 1, "label": "contradiction",
+                              "metrics": {"accuracy": pytest.approx(1 / 3, abs=1e-6),
+                                          "macro_f1": pytest.approx(1 / 6, abs=1e-6)}}
+    # gap closed: (0.95 - 0.55) / (0.9 - 0.55) for retrikt, 0 for finetune, none for the teacher
+    assert l2["rows"]["retrikt"]["gap_closed"] == pytest.approx(0.4 / 0.35, abs=1e-6)
+    assert l2["rows"]["finetune"]["gap_closed"] == 0.0 and l2["rows"]["teacher"]["gap_closed"] is None
+    # serving cost: ratio (1.3, 1.1) -> 1.2 x the median forward 0.5 ms; retrikt reads its store, retrikt_kd not
+    serving = {c["model"]: c for c in l2["serving"]}
+    assert serving["retrikt"]["latency_ratio"] == pytest.approx(1.2)
+    assert serving["retrikt"]["serving_ms"] == pytest.approx(0.6)
+    assert serving["retrikt"]["serving_bytes"] == 8000 + 4096
+    assert serving["retrikt_kd"]["serving_bytes"] == 8000 and serving["teacher"]["serving_ms"] is None
     # L4: all baselines tie at 0 -> the first listed (finetune); delta = 1 on every resample
-    l4 = res["tasks"]["cb"]["students"]["L4"]
+    l4 = cb["students"]["L4"]
     assert l4["best_baseline"] == "finetune"
     assert l4["comparison"]["bootstrap"]["ci"] == [1.0, 1.0]
     assert l4["comparison"]["bootstrap"]["p_value"] == pytest.approx(2 / 1001, abs=1e-6)
     # store and PPO, nothing inconsistent, missing curves listed
-    cb = res["tasks"]["cb"]
     assert cb["store"]["parse_rate"] == 0.94 and cb["ppo"]["before"] == {"confidence": 0.5, "self_bleu": 0.4}
     assert cb["warnings"] == []
     assert "reports/plots/cb/prompt_tune_curve.json" not in cb["missing"]  # not read
     assert "reports/plots/cb/student_curve-mgskd-L4-s1.json" in cb["missing"]
     assert "reports/metrics/cb/index.json" in cb["missing"]
-    # compact metrics.json == return value == what MLflow got (flattened)
+    assert "models/cb/students/retrikt-L2-s0" in cb["missing"]  # the retrieval panel's student
+    # compact metrics.json == return value == what MLflow got (flattened), for the stage and the parent run
     assert read_json(report.root / METRICS_JSON) == metrics
-    assert metrics["cb"]["L2"]["mgskd"] == {"accuracy": 0.75} and metrics["cb"]["teacher"] == {"accuracy": 0.9}
+    assert metrics["cb"]["teacher"] == 0.9 and metrics["cb"]["store_size"] == 180
+    assert metrics["cb"]["majority"] == pytest.approx(1 / 3, abs=1e-6)
+    assert metrics["cb"]["L2"]["best_baseline"] == 0.75 and metrics["cb"]["L2"]["retrikt"] == 0.95
     assert metrics["cb"]["L4"]["delta_vs_best"] == 1.0
+    assert metrics["cb"]["L2"]["delta_vs_kd"] == pytest.approx(0.3)
     assert run.metrics["cb.L2.delta_vs_best"] == pytest.approx(0.2)
     assert all(isinstance(v, (int, float)) for v in run.metrics.values())
+    assert len(run.metrics) == 3 + 2 * 10  # the dvc exp show columns: one task, two sizes
+    assert run.summary["metrics"] == run.metrics
+    assert run.summary["tags"] == {"cb.L2.best_baseline": "mgskd", "cb.L4.best_baseline": "finetune"}
+    assert "| cb | L2 | 0.950 | mgskd 0.750 | +0.200 [" in run.summary["description"]
     assert str(RESULTS_MD) in run.artifacts and str(paths.FIGURES) in run.artifacts
 
 
@@ -177,16 +223,19 @@ def test_markdown_and_figures(report):
     md = report.md
     for model in ("teacher", "finetune", "vanilla_kd", "mgskd", "adkd", "retrikt_kd", "retrikt"):
         assert f"| {model} |" in md
-    assert "| finetune | 0.5500 ± 0.0707 |" in md
-    assert "Best baseline: **mgskd**" in md and "RetriKT − mgskd (accuracy): **+0.2000**, 95% CI [" in md
+    assert "| finetune | 0.5500 ± 0.0707 | " in md and "| majority class (contradiction) | 0.3333 |" in md
+    assert "| retrikt | 0.9500 ± 0.0707 | " in md and " | 1.143 |" in md  # gap closed
+    assert "| RetriKT − best baseline (mgskd) | **+0.2000** | [" in md
+    assert "| RetriKT − RetriKT-KD (same store) | **+0.3000** | [" in md
     assert "| parse_rate | 0.9400 |" in md and "| confidence | 0.5000 | 0.7000 | +0.2000 |" in md
-    assert "| retrikt | 2,000 | 7.8 KiB | 4.0 KiB | 1.500 ± 0.707 | 0.500 | 10.5 ± 0.7 |" in md
+    assert "| retrikt | 0.9500 | 2,000 | 1.20 | 0.60 | 7.8 KiB | 4.0 KiB | 11.8 KiB | 10.5 |" in md
+    assert "| retrikt_kd | 0.6500 | 2,000 | 1.05 | 0.53 | 7.8 KiB | 0 B | 7.8 KiB | 10.5 |" in md
+    assert "![forest](figures/forest.png)" in md and "![store](figures/cb/store.png)" in md
     figs = report.results["tasks"]["cb"]["figures"]
     names = {p.rsplit("/", 1)[1] for p in figs}
-    expected = {"learning_curves.png", "ppo_curves.png", "methods.png", "confusion-teacher.png"}
-    expected |= {f"confusion-{m}-L{l}-s0.png" for l in (2, 4) for m in WRONG[2]}
-    assert names == expected
-    for p in figs:
+    assert names == {"methods.png", "cost.png", "confusion.png", "store.png", "ppo.png", "learning_curves.png"}
+    assert report.results["figures"] == ["reports/figures/forest.png"]
+    for p in [*figs, *report.results["figures"]]:
         data = (report.root / p).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and data[-8:-4] == b"IEND"
 
@@ -215,10 +264,30 @@ def test_single_seed_no_rl_and_missing_predictions(synthetic):
     l2 = cb["students"]["L2"]
     assert l2["rows"]["finetune"]["metrics"]["accuracy"] == {"mean": 0.5, "std": None, "n": 1, "values": [0.5]}
     assert l2["best_baseline"] == "mgskd" and l2["comparison"]["bootstrap"] is None
+    assert l2["vs_retrikt_kd"] is None  # not configured
     assert "reports/predictions/cb/mgskd-L2-s0.json" in cb["missing"]
     assert cb["ppo"] is None and "reports/metrics/cb/ppo.json" not in cb["missing"]
     md = render_markdown(results)
     assert "| finetune | 0.5000 | " in md and "PPO disabled" in md and cb["figures"] == []
+    assert "| RetriKT − best baseline (mgskd) | +0.2000 | – (predictions missing) | – |" in md
+
+
+def test_old_timings_without_ab_ratio_show_no_latency(synthetic):
+    for f in paths.METRICS.rglob("students/*.json"):
+        obj = read_json(f)
+        obj.pop("latency_ratio")
+        atomic_write_json(f, obj)
+    results = build_results(_params(**SMALL), figures=False)
+    serving = results["tasks"]["cb"]["students"]["L2"]["serving"]
+    assert all(c["latency_ratio"] is None and c["serving_ms"] is None for c in serving)
+    assert {c["model"]: c["serving_bytes"] for c in serving}["retrikt"] == 8000 + 4096
+
+
+def test_no_gap_unless_the_teacher_beats_finetune():
+    assert gap_closed(0.7, 0.6, 0.6) is None and gap_closed(0.7, None, 0.6) is None
+    assert gap_closed(0.8, 0.6, 0.7) is None  # the teacher below fine-tuning: nothing to close
+    assert gap_closed(0.65, 0.7, 0.6) == pytest.approx(0.5)
+    assert majority_class([2, 0, 0, 2], 3) == 0  # a tie goes to the lowest class id
 
 
 def test_mismatched_validation_rows_are_an_error(synthetic):
@@ -236,20 +305,8 @@ def test_mean_std():
     assert mean_std([3]) == {"mean": 3, "std": None, "n": 1}
 
 
-@pytest.mark.parametrize("name", ["cb", "mrpc", "cola"])
-def test_vectorised_metrics_match_task_metrics(name):
-    task = get_task(name)
-    rng = np.random.default_rng(1)
-    y, p = rng.integers(0, task.num_labels, 40), rng.integers(0, task.num_labels, 40)
-    p[:2] = task.num_labels - 1  # not constant
-    cm = confusion_counts(y, p, task.num_labels, np.arange(40)[None])
-    expected = task.compute_metrics(y, p)
-    for metric, value in expected.items():
-        assert metric_from_confusion(cm, metric)[0] == pytest.approx(value, abs=1e-12)
-
-
 def _boot(y, a, b, samples=1000, seed=0):
-    return paired_bootstrap(np.array(y), [np.array(x) for x in a], [np.array(x) for x in b], "accuracy", 3,
+    return paired_bootstrap(CB, np.array(y), [np.array(x) for x in a], [np.array(x) for x in b], "accuracy",
                             samples=samples, confidence=0.95, rng=np.random.default_rng(seed))
 
 

@@ -150,5 +150,6 @@ def test_task_runs_through_the_whole_dag(task_name, tmp_path, tiny_causal_dir, t
     for curve in ("teacher_curve", "prompt_tune_curve", "ppo_curve", "student_curve-retrikt-L2-s0",
                   "student_curve-adkd-L2-s0"):
         assert rendered[f"reports/plots/{t}/{curve}.json"][0]["type"] == "vega", curve
-    for figure in ("methods", "learning_curves", "ppo_curves", "confusion-retrikt-L2-s0", "confusion-teacher"):
+    for figure in ("methods", "cost", "confusion", "store", "retrieval", "ppo", "learning_curves"):
         assert rendered[f"reports/figures/{t}/{figure}.png"][0]["type"] == "image", figure
+    assert rendered["reports/figures/forest.png"][0]["type"] == "image"

@@ -223,6 +223,30 @@ def test_metrics_reject_bad_lengths():
         get_task("sst2").compute_metrics([0, 1], [0])
     with pytest.raises(ValueError):
         get_task("sst2").compute_metrics([], [])
+    with pytest.raises(ValueError, match="class ids"):
+        get_task("sst2").compute_metrics([0, 1], [0, 2])
+
+
+@pytest.mark.parametrize("name", ["cb", "mrpc", "cola"])
+def test_metrics_match_sklearn_and_resamples_match_single_calls(name):
+    """sklearn is the reference; metric_on_rows (the bootstrap's) equals compute_metrics per subset."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    task = get_task(name)
+    rng = np.random.default_rng(1)
+    y, p = rng.integers(0, task.num_labels, 40), rng.integers(0, task.num_labels, 40)
+    ref = {"accuracy": lambda: accuracy_score(y, p), "f1": lambda: f1_score(y, p, zero_division=0),
+           "macro_f1": lambda: f1_score(y, p, labels=list(range(task.num_labels)), average="macro",
+                                        zero_division=0),
+           "mcc": lambda: matthews_corrcoef(y, p)}
+    got = task.compute_metrics(y, p)
+    assert got == pytest.approx({m: ref[m]() for m in task.metrics}, abs=1e-12)
+    rows = rng.integers(0, 40, size=(5, 40))
+    for metric in task.metrics:
+        single = [task.compute_metrics(y[r], p[r])[metric] for r in rows]
+        assert task.metric_on_rows(y, p, rows, metric) == pytest.approx(single, abs=1e-12)
+    assert get_task("cola").compute_metrics([1, 1], [1, 1])["mcc"] == 0.0  # undefined -> 0, as sklearn
 
 
 # -- validation ---------------------------------------------------------------------------------

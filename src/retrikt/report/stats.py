@@ -1,0 +1,128 @@
+"""Statistics of the report. Every metric value comes from the task registry (:meth:`Task.compute_metrics`
+and, for resamples, :meth:`Task.metric_on_rows`, the same arithmetic).
+
+* ``std`` is the sample standard deviation over seeds (ddof=1); with one seed it is ``None``.
+* The best baseline has the highest mean primary metric among the configured
+  :data:`retrikt.params.BASELINES` (trained on the task data only); a tie goes to the one listed first.
+* Paired bootstrap: the validation examples are resampled with replacement ``samples`` times; the same
+  resampled rows serve both methods. On each resample a method's score is the mean over seeds of the
+  metric of that seed's predictions, and the statistic is A's score minus B's. The CI is the percentile
+  interval at ``confidence``; the two-sided p-value is
+  ``min(1, 2 * min(#{d* <= 0} + 1, #{d* >= 0} + 1) / (B + 1))``.
+* Majority class: the most frequent label of the train split (ties: the lowest class id), predicted for
+  every validation example.
+* Gap closed: ``(student - finetune) / (teacher - finetune)`` on the primary metric: 0 = no better than
+  fine-tuning the student on the task data, 1 = as good as the teacher. ``None`` when the teacher is
+  not better than fine-tuning (no gap to close: the ratio would say nothing) or either is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from retrikt.tasks import Task
+
+GAP_EPS = 1e-9  # teacher - finetune below this: no gap to close
+
+
+def is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """``{"mean", "std", "n"}`` of ``values``; std has ddof=1 and is None for a single value.
+
+    The mean stays an int when every value is an int and the mean is whole (parameter counts, bytes).
+    """
+    if not values:
+        raise ValueError("mean_std: no values")
+    arr = np.asarray(values, dtype=np.float64)
+    mean = float(arr.mean())
+    whole = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values) and mean.is_integer()
+    std = float(arr.std(ddof=1)) if len(arr) >= 2 else None
+    return {"mean": int(mean) if whole else mean, "std": std, "n": len(arr)}
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """Paired bootstrap of ``score(a) - score(b)`` over examples (see the module docstring)."""
+
+    estimate: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    samples: int
+    confidence: float
+    examples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"estimate": self.estimate, "ci": [self.ci_low, self.ci_high], "p_value": self.p_value,
+                "samples": self.samples, "confidence": self.confidence, "examples": self.examples}
+
+
+def paired_bootstrap(task: Task, labels: np.ndarray, preds_a: Sequence[np.ndarray], preds_b: Sequence[np.ndarray],
+                     metric: str, *, samples: int, confidence: float, rng: np.random.Generator) -> Bootstrap:
+    """Bootstrap CI and two-sided p-value of (mean over seeds of metric(a)) - (same for b).
+
+    ``preds_a``/``preds_b`` hold one prediction array per seed, aligned with ``labels``; every
+    resample draws ``len(labels)`` example indices with replacement and scores both methods on them.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    if n == 0 or not preds_a or not preds_b:
+        raise ValueError("paired_bootstrap: need examples and predictions for both methods")
+    rows = rng.integers(0, n, size=(samples, n))
+
+    def mean_score(preds: Sequence[np.ndarray], idx: np.ndarray) -> np.ndarray:
+        return np.mean([task.metric_on_rows(labels, np.asarray(p, dtype=np.int64), idx, metric) for p in preds],
+                       axis=0)
+
+    full = np.arange(n)[None]
+    estimate = float((mean_score(preds_a, full) - mean_score(preds_b, full))[0])
+    deltas = mean_score(preds_a, rows) - mean_score(preds_b, rows)
+    tail = 50.0 * (1.0 - confidence)
+    low, high = np.percentile(deltas, [tail, 100.0 - tail])
+    extreme = min(int((deltas <= 0).sum()), int((deltas >= 0).sum())) + 1
+    p_value = min(1.0, 2.0 * extreme / (samples + 1))
+    return Bootstrap(estimate, float(low), float(high), p_value, samples, confidence, n)
+
+
+def best_baseline(rows: Mapping[str, Mapping[str, Any]], primary: str, baselines: Sequence[str]) -> str | None:
+    """The method of ``baselines`` present in ``rows`` with the highest mean ``primary`` (ties: listed first)."""
+    candidates = [m for m in baselines if m in rows]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda m: (rows[m]["metrics"][primary]["mean"], -candidates.index(m)))
+
+
+def majority_class(train_labels: Sequence[int], num_labels: int) -> int:
+    """The most frequent train label (ties: the lowest class id)."""
+    counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=num_labels)
+    return int(counts.argmax())
+
+
+def gap_closed(student: float | None, teacher: float | None, finetune: float | None) -> float | None:
+    """``(student - finetune) / (teacher - finetune)``; None without a gap (see the module docstring)."""
+    if student is None or teacher is None or finetune is None or teacher - finetune < GAP_EPS:
+        return None
+    return (student - finetune) / (teacher - finetune) + 0.0  # + 0.0: no -0.0
+
+
+def ppo_before_after(ppo: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Pair up PPO metrics written as ``before_x``/``x_before``/``before.x`` (and the same for after)."""
+    from retrikt.report.inputs import flatten
+
+    out: dict[str, dict[str, float]] = {"before": {}, "after": {}}
+    for key, value in flatten(ppo).items():
+        if not is_number(value):
+            continue
+        for when in out:
+            for sep in ("_", "."):
+                if key.startswith(when + sep):
+                    out[when][key[len(when) + 1:]] = value
+                elif key.endswith(sep + when):
+                    out[when][key[:-len(when) - 1]] = value
+    return out
