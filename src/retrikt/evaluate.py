@@ -271,7 +271,8 @@ def headline_tags(results: Mapping[str, Any]) -> dict[str, str]:
 def headline_markdown(results: Mapping[str, Any]) -> str:
     """A short table (the MLflow parent run's description): per task and size, RetriKT, the best
     baseline and the delta with its CI."""
-    lines = ["| task | size | RetriKT | best baseline | Δ (CI, p) | RetriKT − RetriKT-KD |", "|---|---|---|---|---|---|"]
+    lines = ["| task | size | RetriKT | best baseline | Δ (CI, p) | RetriKT − RetriKT-KD |",
+             "|---|---|---|---|---|---|"]
     for name, t in results["tasks"].items():
         for size, s in t["students"].items():
             rows, best = s["rows"], s["best_baseline"]

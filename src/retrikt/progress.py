@@ -34,9 +34,9 @@ disappears when it closes. What the user sees depends on where stderr goes:
 Library noise. :func:`configure` (called once by the CLI before any heavy import) turns off, when
 bars are not shown, the progress bars that transformers, huggingface_hub and datasets draw themselves
 ("Loading weights", "Converting and de-quantizing GGUF tensors", "Writing model shards"): on a pipe they
-would print one line per refresh. It also keeps FAISS's loader from logging its CPU-feature probing. :func:`quiet_load_report` hides transformers' LOAD REPORT table for a
-load whose missing weights are expected (a fresh classification head); the caller states what it
-expected in one line instead.
+would print one line per refresh. It also keeps FAISS's loader from logging its CPU-feature probing.
+:func:`quiet_load_report` hides transformers' LOAD REPORT table for a load whose missing weights are
+expected (a fresh classification head); the caller states what it expected in one line instead.
 """
 
 from __future__ import annotations

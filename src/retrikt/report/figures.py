@@ -393,7 +393,7 @@ def retrieval_figure(task: Task, rows: Sequence[Mapping[str, Any]], preds: Seque
             lab = task.labels[arg[i]]
             line = (f"{i + 1:2d}. sim {e['similarity']:+.3f}  soft {lab} {max(e['soft_label'].values()):.2f}"
                     f"  (asked: {e.get('label') or '–'})  " + text_of(e))
-            ax_txt.text(0.0, i, textwrap.shorten(line, 190, placeholder=" …"), fontsize=6.5, va="center",
+            ax_txt.text(0.0, i, textwrap.shorten(line, 170, placeholder=" …"), fontsize=6.5, va="center",
                         family="monospace", color="0.15")
     from matplotlib.patches import Patch
 

@@ -12,10 +12,10 @@ from retrikt.report.stats import is_number
 LATENCY_NOTE = (
     "Serving time is measured A/B in the student's own stage: its end-to-end prediction of one validation "
     "row (tokenise, forward, and for RetriKT the search and the aggregation over the store) and the plain "
-    "forward of the same student, interleaved, 3 rounds over 64 rows after a warm-up; **× forward** is "
-    "the median per-row ratio, robust to load that hits both alike. **≈ ms** is that ratio times the median "
-    "plain-forward time of all students of this size (one architecture), so it is comparable across "
-    "methods on this machine; absolute milliseconds move with the machine and its load "
+    "forward of the same student, interleaved, 3 rounds over (up to) 64 validation rows after a warm-up; "
+    "**× forward** is the median per-row ratio, robust to load that hits both alike. **≈ ms** is that ratio "
+    "times the median plain-forward time of all students of this size (one architecture), so it is "
+    "comparable across methods on this machine; absolute milliseconds move with the machine and its load "
     "(`benchmarks/bench_retrieval.py` measures them at scale). Bytes at serving: the model file plus the "
     "store the method reads at inference (RetriKT: its index and entries; RetriKT-KD trains on the store "
     "but serves without it).")
