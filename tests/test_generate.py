@@ -119,6 +119,7 @@ def test_generate_counts_dedupes_and_deleaks(controlled_repo, monkeypatch):
     metrics, run = _run_generate(params, monkeypatch)
     ((sources, kw),) = controlled_repo
     assert kw["stop_lines"] == 2  # generate.end_at_last_line: CB examples have two lines
+    assert kw["field_names"] == ("premise", "hypothesis") and metrics["field_names_forced"] == 1
 
     assert metrics["samples"] == 13 and metrics["complete_parsed"] == 9
     assert metrics["parse_rate"] == pytest.approx(9 / 13) and metrics["finished_rate"] == pytest.approx(11 / 13)

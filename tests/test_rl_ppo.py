@@ -260,3 +260,28 @@ def test_ppo_with_compute_rewards():
     stats = tr.step(CONDITIONS * 2)
     assert {"accuracy", "diversity", "length_penalty", "parse_fail", "mean_accuracy"} <= set(stats)
     assert 0.0 <= stats["accuracy"] <= 0.7
+
+
+def test_forced_field_names_are_context_not_actions(tiny_causal_dir):
+    """With structured decoding the sampler writes each line's field name: those tokens are attended to
+    but left out of what the policy is trained and penalised on."""
+    from retrikt.generator import attach_prompt, source_text
+    from retrikt.models import load_generator
+    from retrikt.sampling import field_name_tokens
+    from retrikt.tasks import get_task
+
+    cb = get_task("cb")
+    model, tok = load_generator(tiny_causal_dir)
+    pm = attach_prompt(model, 3, "random", "", tiny_causal_dir)
+    names = ("premise", "hypothesis")
+    tr = SoftPromptPPO(pm, tok, ppo_config(max_new_tokens=12, dtype="float32", batch_size=4, mini_batch_size=2),
+                       lambda texts, conds, done: {"reward": [1.0] * len(texts)}, stop_lines=2, field_names=names)
+    conds = [source_text(cb, i % 3) for i in range(4)]
+    ro = tr.generate(conds)
+    first = field_name_tokens(tok, names)[0]
+    for i in range(4):
+        assert ro.r_ids[i, :len(first)].tolist() == first
+        assert ro.r_mask[i, :len(first)].all() and not ro.act_mask[i, :len(first)].any()
+    assert (ro.act_mask <= ro.r_mask).all() and ro.act_mask.sum() > 0
+    stats = tr.step(conds)
+    assert math.isfinite(stats["policy_loss"]) and math.isfinite(stats["kl"])

@@ -13,6 +13,8 @@ from retrikt.sampling import (LlamaDecoder, _generic_loop, _prefix_embeds, _Rule
                               field_name_tokens, line_breaks, nucleus_draw, uniforms, uses_fast_path)
 from retrikt.tasks import get_task
 
+from .conftest import fit_tiny_generator
+
 CB = get_task("cb")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -211,3 +213,45 @@ def test_structured_decoding_rules_out_eos_before_the_last_line(tiny_causal_dir)
     assert rules.choose(first, 7) == field_name_tokens(tok, names)[0][0]  # the name comes first
     plain = _Rules(tok, tok.eos_token_id, 50, 2)
     assert plain.block(logits, [first, last]) is logits  # no field names, no rule
+
+
+def test_uniforms_match_a_pure_python_splitmix64():
+    mask = (1 << 64) - 1
+
+    def mix(x):
+        x = (x + 0x9E3779B97F4A7C15) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    def ref(seed, i, t):
+        x = mix((seed & mask) ^ mix((i * 0x100000001B3 + t) & mask))
+        return (mix(x ^ t) >> 11) / (1 << 53)
+
+    for seed, i, t in ((0, 0, 0), (7, 123456, 89), (2**40 + 3, 2**33, 4096)):
+        assert uniforms(seed, [i], [t])[0] == ref(seed, i, t)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.999999, 0.5])
+def test_nucleus_draw_never_picks_a_zero_probability_token(top_p):
+    logits = torch.zeros(3, 1000)
+    logits[:, -50:] = float("-inf")  # e.g. EOS ruled out: the last ids have probability 0
+    u = torch.tensor([0.0, 0.5, 1 - 2**-53], dtype=torch.float64)
+    drawn = nucleus_draw(logits, u, 1.0, top_p, prefilter=16)
+    assert (drawn < 950).all()
+
+
+def test_bfloat16_samples_do_not_depend_on_the_batch(tiny_causal_dir, tmp_path):
+    """A generator fitted to write short CB examples: samples end at different steps, so slots are refilled
+    and moved; the texts still do not depend on the number of slots (bfloat16, the default dtype)."""
+    rows = [{"premise": "the cat sat .", "hypothesis": "a cat .", "label": 0},
+            {"premise": "the quick brown fox jumps over the lazy dog .", "hypothesis": "the dog sleeps all day .",
+             "label": 1},
+            {"premise": "it rained all day , and the ground is wet .", "hypothesis": "rain .", "label": 2}]
+    fitted = fit_tiny_generator(tiny_causal_dir, CB, rows, tmp_path / "fitted", 64, 60)
+    model, tok = load_generator(fitted)
+    src = [source_text(CB, i % 3) for i in range(12)]
+    runs = [draw_samples(model, tok, src, max_new_tokens=40, temperature=1.0, top_p=0.95, seed=4, slots=s,
+                         dtype="bfloat16") for s in (1, 3, 12)]
+    assert runs[0] == runs[1] == runs[2]
+    assert len({len(d.ids) for d in runs[0]}) > 2 and any(d.ended == "eos" for d in runs[0])

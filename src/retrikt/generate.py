@@ -50,6 +50,7 @@ from retrikt.generator import length_budget, load_tokenizer, load_with_prompt, s
 from retrikt.io import DataError, MissingInputError, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 from retrikt.params import Params
 from retrikt.rl.rewards import corpus_self_bleu
+from retrikt.sampling import field_name_tokens
 from retrikt.tasks import PARSE_FAILURES, Task, get_task
 
 log = logging.getLogger(__name__)
@@ -174,8 +175,8 @@ def _self_bleu_sample(task: Task, rows: Sequence[dict], seed: int) -> tuple[floa
     return corpus_self_bleu(serials), len(serials)
 
 
-def _sample_llm(params: Params, task: Task, train: list[dict], run) -> tuple[list[tuple[dict, int | None, str]],
-                                                                            dict, dict]:
+def _sample_llm(params: Params, task: Task, train: list[dict]) -> tuple[list[tuple[dict, int | None, str]],
+                                                                       dict, dict]:
     """LLM samples that ended and parsed: ``(example, conditioning label, raw text)``, counts, timings."""
     gp = params.generate
     use_rl = params.rl.enabled and (paths.ppo(task.name) / "adapter_config.json").exists()
@@ -184,6 +185,9 @@ def _sample_llm(params: Params, task: Task, train: list[dict], run) -> tuple[lis
         raise MissingInputError(f"{adapter}: no soft prompt (run the prompt_tune stage first)")
     model, tok = load_with_prompt(paths.base_model("generator"), adapter)
     budget = length_budget(gp.max_new_tokens, tok, task, train)
+    forced = gp.force_field_names and field_name_tokens(tok, task.line_names) is not None
+    if gp.force_field_names and not forced:
+        log.warning("generate: this tokenizer merges line breaks with text: field names are not forced")
     labels = draw_labels(gp.num_samples, task.num_labels, gp.balance, label_prior(train, task.num_labels),
                          params.seed)
     log.info("generate: %d samples from %s (max_new_tokens %d, %s)", len(labels), adapter, budget, gp.dtype)
@@ -191,7 +195,7 @@ def _sample_llm(params: Params, task: Task, train: list[dict], run) -> tuple[lis
     drawn = sample_full(model, tok, [source_text(task, lab) for lab in labels], max_new_tokens=budget,
                         temperature=gp.temperature, top_p=gp.top_p, batch_size=gp.batch_size, seed=params.seed,
                         dtype=gp.dtype, stop_lines=len(task.line_names) if gp.end_at_last_line else None,
-                        field_names=task.line_names if gp.force_field_names else None)
+                        field_names=task.line_names if forced else None)
     seconds = time.time() - t0
     del model
     ended = Counter(drawn.ended)
@@ -208,6 +212,7 @@ def _sample_llm(params: Params, task: Task, train: list[dict], run) -> tuple[lis
     counts = {"prompt": "rl" if use_rl else "prompt_tune", "samples": len(labels), "max_new_tokens": budget,
               "finished_rate": 1 - failures["unfinished"] / max(1, len(labels)),
               "eos_rate": ended["eos"] / max(1, len(labels)), "cut_at_last_line": ended["lines"],
+              "field_names_forced": int(forced),
               "parse_failures": {k: failures[k] for k in ("unfinished", *PARSE_FAILURES)},
               "generated_tokens": drawn.tokens}
     timings = {"generation_seconds": seconds, "tokens_per_second": drawn.tokens / max(seconds, 1e-9)}
@@ -233,7 +238,7 @@ def generate(params: Params, task_name: str, run) -> dict:
     if gp.source == "oracle":
         drawn, counts, timings = _sample_oracle(params, task)
     else:
-        drawn, counts, timings = _sample_llm(params, task, train, run)
+        drawn, counts, timings = _sample_llm(params, task, train)
     n_samples = counts["samples"]
 
     cands, clean = clean_examples(task, [ex for ex, _, _ in drawn], train, validation, gp.near_dup_threshold)

@@ -353,6 +353,8 @@ def _cross_check(p: Params) -> None:
         raise ParamsError("rl.mini_batch_size: must be <= rl.batch_size")
     if p.rl.len_low_pct >= p.rl.len_high_pct:
         raise ParamsError("rl.len_low_pct: must be < rl.len_high_pct")
+    if p.generate.source == "oracle" and p.generate.filter_by_teacher:
+        raise ParamsError("generate.filter_by_teacher: needs source llm (oracle entries have no conditioning label)")
     if p.student.retrieval_top_k > p.student.retrieval_candidates:
         raise ParamsError("student.retrieval_top_k: must be <= student.retrieval_candidates")
 

@@ -294,7 +294,7 @@ class WscTask(Task):
 
     def _located(self, vals: dict[str, str]) -> dict[str, Any]:
         """Marks unusable: each span text found in the unmarked text (exactly once), else unlocated_span."""
-        text = normalise_ws(re.sub(r"[*\[\]]", " ", vals["text"]))
+        text = normalise_ws(re.sub(r"[*\[\]]", "", vals["text"]))
         out: dict[str, Any] = {"text": text}
         for k in (1, 2):
             span = vals.get(f"span{k}_text")
@@ -338,7 +338,7 @@ class WicTask(Task):
                 start = marked.index("*")
                 end = marked.index("*", start + 1) - 1
             if marked.count("*") != 2 or end <= start:  # marks unusable: the word itself, if it occurs once
-                marked = normalise_ws(marked.replace("*", " "))
+                marked = normalise_ws(marked.replace("*", ""))
                 hits = [m.span() for m in re.finditer(rf"(?<!\w){re.escape(vals['word'])}(?!\w)", marked, re.I)]
                 if len(hits) != 1:
                     raise _Unparsable("unlocated_span")

@@ -4,9 +4,12 @@ The generator (causal or seq2seq Hugging Face model) is wrapped with PEFT prompt
 frozen. Every log-prob PPO uses goes through one function, :meth:`SoftPromptPPO._context`, that
 prepends the virtual-token embeddings to the embedded condition exactly like PEFT does (causal:
 before the whole input; seq2seq: before the encoder input; PEFT prompt tuning never feeds the
-decoder), in float32. Rollouts are drawn by the project's sampler (:mod:`retrikt.sampling`, seeded
-per call, compute dtype ``rl.dtype``); the "old" log-probs are then recomputed by the same float32
-forward as the training ones, so the first PPO ratio is exactly 1 whatever the sampler's dtype.
+decoder), with the base model in its own dtype (``rl.dtype``; log-probs in float32). Rollouts are
+drawn by the project's sampler (:mod:`retrikt.sampling`, seeded per call); the "old" log-probs are
+then recomputed by the same forward as the training ones, so the first PPO ratio is exactly 1.
+With structured decoding (forced field names) the written names are context, not actions: they are
+left out of the KL penalty, the policy loss and the entropy. (Where the sampler ruled out EOS, the
+policy's log-prob is still that of the unconstrained distribution: a small, documented mismatch.)
 
 Reference policy: the same frozen base model with a frozen copy of the initial (step-1) prompt
 tensor swapped in; no second model is kept.
@@ -31,7 +34,8 @@ from retrikt.params import RLParams
 
 RewardFn = Callable[[list[str], list[str]], dict[str, Any]]
 """``reward_fn(texts, conditions, finished) -> {"reward": [float] * n, **optional components to log}``;
-``finished[i]`` says whether response i ended with EOS (None: unknown)."""
+``finished[i]`` says whether response i ended by itself (EOS or its last line), not by the token budget
+(None: unknown)."""
 
 
 # --------------------------------------------------------------------------------------- math
@@ -144,7 +148,8 @@ class Rollout:
     r_ids: torch.Tensor
     r_mask: torch.Tensor
     texts: list[str]
-    finished: list[bool] | None = None  # whether each response ended with EOS (not cut by max_new_tokens)
+    finished: list[bool] | None = None  # whether each response ended by itself (EOS or its last line)
+    act_mask: torch.Tensor | None = None  # r_mask without the tokens the sampler wrote (field names)
     logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
@@ -248,9 +253,12 @@ class SoftPromptPPO:
         r_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             r_ids[i, :len(r)], r_mask[i, :len(r)] = torch.tensor(r, dtype=torch.long), 1
+        act_mask = r_mask.clone()
+        for i, d in enumerate(drawn):
+            act_mask[i, d.forced_at] = 0
         texts = [decode(self.tok, d) for d in drawn]
         return Rollout(q_ids, q_mask, r_ids.to(self.device), r_mask.to(self.device), texts,
-                       finished=[d.finished for d in drawn])
+                       finished=[d.finished for d in drawn], act_mask=act_mask.to(self.device))
 
     def _forward(
         self, prompt: torch.Tensor, ro: Rollout, idx: slice | torch.Tensor = slice(None)
@@ -290,18 +298,22 @@ class SoftPromptPPO:
         ro = self.generate(conditions)
         scored = self.reward_fn(ro.texts, conditions, ro.finished)
         score = torch.tensor(scored["reward"], dtype=torch.float, device=self.device)
+        # mask: every response token (the states GAE and the value head see); act: the tokens the policy
+        # chose — not the field names the sampler wrote for it — which the KL penalty, the policy loss,
+        # the advantage whitening and the entropy count
         mask = ro.r_mask.float()
+        act = (ro.act_mask if ro.act_mask is not None else ro.r_mask).float()
         with torch.no_grad():
             logits, hidden = self._forward(self.prompt_weight, ro)
             ro.logprobs, ro.values = self._logprobs(logits, ro.r_ids), self._values(hidden)
             ro.ref_logprobs = self._logprobs(self._forward(self.ref_prompt, ro)[0], ro.r_ids)
             del logits, hidden
-        rewards = kl_penalty_rewards(ro.logprobs, ro.ref_logprobs, mask, self.kl_ctl.value)
+        rewards = kl_penalty_rewards(ro.logprobs, ro.ref_logprobs, act, self.kl_ctl.value)
         last = (ro.r_mask.sum(1) - 1).clamp(min=0)
         rewards[torch.arange(len(last), device=last.device), last] += score
         adv, returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            adv = masked_whiten(adv, mask)
+            adv = masked_whiten(adv, act)
 
         log: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_frac": [], "entropy": []}
         n = len(conditions)
@@ -309,10 +321,10 @@ class SoftPromptPPO:
             perm = torch.randperm(n, generator=self._shuffle_gen).to(self.device)
             for s in range(0, n, cfg.mini_batch_size):
                 mb = perm[s : s + cfg.mini_batch_size]
-                m = mask[mb]
+                m, a = mask[mb], act[mb]
                 logits, hidden = self._forward(self.prompt_weight, ro, mb)
                 logp = self._logprobs(logits, ro.r_ids[mb])
-                pg, clip_frac = ppo_policy_loss(logp, ro.logprobs[mb], adv[mb], m, cfg.clip)
+                pg, clip_frac = ppo_policy_loss(logp, ro.logprobs[mb], adv[mb], a, cfg.clip)
                 vl = value_loss(self._values(hidden), ro.values[mb], returns[mb], m, cfg.clip_value)
                 self.optimizer.zero_grad(set_to_none=True)
                 (pg + cfg.vf_coef * vl).backward()
@@ -320,11 +332,11 @@ class SoftPromptPPO:
                 nn.utils.clip_grad_norm_(self.value_head.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 with torch.no_grad():
-                    ent = entropy_from_logits(logits, m)
+                    ent = entropy_from_logits(logits, a)
                 for k, v in zip(log, (pg, vl, clip_frac, ent)):
                     log[k].append(float(v.detach()))
 
-        kl = float(((ro.logprobs - ro.ref_logprobs) * mask).sum(1).mean())  # per-sequence KL
+        kl = float(((ro.logprobs - ro.ref_logprobs) * act).sum(1).mean())  # per-sequence KL
         stats = {"reward": float(score.mean()), "kl": kl, "kl_coef": self.kl_ctl.value}
         stats.update({k: float(np.mean(v)) for k, v in log.items()})
         stats["response_length"] = float(mask.sum(1).mean())
