@@ -78,7 +78,7 @@ def _project(root: Path, task_name: str, generator: Path, encoder: Path) -> Path
     p["teacher"].update(epochs=1, batch_size=8, max_length=64)
     p["prompt_tune"].update(num_virtual_tokens=2, epochs=6, batch_size=4, max_length=192, train_limit=8)
     p["rl"].update(updates=1, batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=160, eval_samples=2)
-    p["generate"].update(num_samples=32, batch_size=16, max_new_tokens=160)
+    p["generate"].update(num_samples=32, batch_size=16, max_new_tokens=160, min_entries=2)
     p["student"].update(layers=[2], epochs=1, batch_size=8, max_length=64, retrieval_candidates=4,
                         retrieval_top_k=2)
     p["evaluate"]["bootstrap_samples"] = 50

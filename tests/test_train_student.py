@@ -20,7 +20,7 @@ from retrikt.classifier import Classifier, train_classifier
 from retrikt.distill import losses as L
 from retrikt.distill.train import adkd, check_same_tokenizer, mgskd, teacher_candidates, train_student
 from retrikt.index import index as index_stage
-from retrikt.io import read_json, write_jsonl
+from retrikt.io import read_json, read_jsonl, write_jsonl
 from retrikt.params import METHODS, Params, parse_params
 from retrikt.predict import STORE_SUBDIR, load_student
 from retrikt.tasks import get_task
@@ -178,6 +178,39 @@ def test_retrikt_with_the_extra_ce_term(repo):
 
     params = dataclasses.replace(repo, student=dataclasses.replace(repo.student, retrieval_ce_weight=0.5))
     assert run_student(params, "retrikt", seed=1)["accuracy"] > 0.6
+
+
+@pytest.mark.parametrize("queries,grad", [("train", True), ("train", False), ("train+store", True),
+                                           ("train+store", False)])
+def test_retrieval_queries_and_candidate_side(repo, queries, grad):
+    """Store entries as extra queries never see themselves among their candidates; the candidate side is
+    the student's own (fresh with gradient, or the epoch's cached embeddings); every variant learns."""
+    import dataclasses
+
+    from retrikt.distill.train import Retrieval
+
+    sp = dataclasses.replace(repo.student, retrieval_queries=queries, retrieval_candidate_grad=grad)
+    params = dataclasses.replace(repo, student=sp)
+    task = get_task(TASK)
+    train, entries = read_jsonl(paths.split_file(TASK, "train")), store.load_entries(TASK)
+    student = Classifier.from_base(paths.base_model("encoder"), task, sp.max_length, num_layers=2)
+    r = Retrieval(student, Classifier.load(paths.teacher(TASK)), train, entries, params)
+    n_store = len(entries) if queries == "train+store" else 0
+    assert len(r.queries) == r.objective().n_items == len(train) + n_store
+    assert r.candidates.shape == (len(r.queries), sp.retrieval_candidates)
+    for j in range(n_store):
+        assert j not in r.candidates[len(train) + j]
+    loss = r.loss([0, 1, 2, len(r.queries) - 2, len(r.queries) - 1])  # train rows and (if any) store queries
+    loss.backward()
+    grads = [p.grad for p in student.model.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and (r.entry_emb is None) == grad
+    if not grad:  # the epoch's index pass refreshes the candidate side
+        before = r.entry_emb.clone()
+        with torch.no_grad():
+            next(student.model.parameters()).add_(0.01)
+        r.predict(read_jsonl(paths.split_file(TASK, "validation"))[:3])
+        assert not torch.equal(before, r.entry_emb)
+    assert run_student(params, "retrikt", seed=11)["accuracy"] > 0.6
 
 
 @pytest.mark.parametrize("method", ["retrikt", "adkd"])

@@ -28,37 +28,34 @@ def _fail(msg: str, code: int) -> None:
 
 @contextlib.contextmanager
 def _guard():
-    """Turn expected errors into one line + exit code, let real bugs show a traceback."""
-    from retrikt.io import DataError
-    from retrikt.params import ParamsError
+    """Turn a user error (:class:`retrikt.errors.UserError`) into one line + its exit code; any other
+    exception is a bug and keeps its traceback."""
+    from retrikt.errors import UserError
 
     try:
         yield
-    except ParamsError as e:
-        _fail(f"params: {e}", 2)
-    except (DataError, FileNotFoundError) as e:
-        _fail(str(e), 1)
-    except KeyError as e:  # unknown task / label: the message is the whole story
-        _fail(str(e.args[0]) if e.args else repr(e), 1)
-    except RuntimeError as e:
-        from retrikt.models import ModelResolutionError
-
-        if isinstance(e, ModelResolutionError):
-            _fail(str(e), 1)
-        raise
+    except UserError as e:
+        _fail(f"{e.prefix}{str(e).splitlines()[0] if str(e) else type(e).__name__}", e.exit_code)
 
 
 def _setup(params_path: Path, seed: int | None = None):
-    """Validate params and the device (before any compute), quiet telemetry, configure logging and seed."""
+    """Validate params, pin threads and the device (before any compute), quiet telemetry, configure logging, seed."""
     from retrikt.params import load_params
     from retrikt.tracking import disable_telemetry
 
     disable_telemetry()
+    from retrikt.progress import configure as quiet_library_bars
+
+    quiet_library_bars()  # before transformers/tqdm are imported: their own bars off a terminal
     params = load_params(params_path)
+    from retrikt.params import check_against_models
+
+    check_against_models(params)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    from retrikt.device import set_device
+    from retrikt.device import set_device, set_threads
     from retrikt.seeding import seed_everything
 
+    set_threads(params.threads)  # pinned before any compute: results depend on it
     set_device(params.device)
     seed_everything(params.seed if seed is None else seed)
     return params
@@ -83,8 +80,10 @@ def _stage(stage: str, fn: Callable, params_path: Path, task: str | None = None,
             logged[section] = pdict[section]
         mpath = metrics if metrics is not None else (paths.metrics(task, stage) if task else None)
         tags = {"variant": variant} if variant else None
+        from retrikt.device import execution_info
+
         with StageRun(stage, metrics_path=mpath, task=task, seed=logged["seed"], params=logged, plots=plots,
-                      tags=tags) as run:
+                      tags=tags, execution=execution_info()) as run:
             args = (params, task) if task is not None else (params,)
             return fn(*args, run=run, **kwargs)
 
@@ -94,9 +93,9 @@ def check_params(params: Path = ParamsOpt,
                  out: Optional[Path] = typer.Option(None, help="also write 'ok' to this file (a DVC stamp)")) -> None:
     """Validate params.yaml (every key, type and range) and print OK."""
     with _guard():
-        from retrikt.params import load_params
+        from retrikt.params import check_against_models, load_params
 
-        load_params(params)
+        check_against_models(load_params(params))  # student sizes vs the encoder, once it is resolved
     if out is not None:
         from retrikt.io import atomic_write_text
 
@@ -217,14 +216,15 @@ def predict(task: str = typer.Argument(..., help="task name, e.g. cb"),
         get_task(task)
         p = load_params(params)
         from retrikt import paths
-        from retrikt.device import set_device
+        from retrikt.device import set_device, set_threads
         from retrikt.predict import format_prediction, parse_cli_inputs, predict as run_predict
 
         folder = student or paths.student(task, "retrikt", p.student.layers[0], p.seeds[0])
         if not folder.exists():
             _fail(f"{folder}: no trained student (run `dvc repro` or pass --student)", 1)
+        set_threads(p.threads)
         set_device(p.device)
-        preds = run_predict(task, folder, parse_cli_inputs(task, fields, jsonl), k or p.student.retrieval_top_k)
+        preds = run_predict(task, folder, parse_cli_inputs(task, fields, jsonl), p.student.retrieval_top_k if k is None else k)
     for pred in preds:
         typer.echo(_json.dumps(pred, ensure_ascii=False) if as_json else format_prediction(pred, task))
 

@@ -50,6 +50,27 @@ _FIELD_LINE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_]*)\s*:(.*)$")
 _EOS = re.compile(r"</s>|<eos>|<pad>|<\|[A-Za-z_]+\|>")
 
 
+def _from_confusion(cm, metric: str):
+    """A metric for each confusion matrix in ``cm`` (``[B, C, C]``, gold x predicted)."""
+    import numpy as np
+
+    cm = cm.astype(np.float64)
+    n = cm.sum(axis=(1, 2))
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    true_count, pred_count = cm.sum(axis=2), cm.sum(axis=1)
+    if metric == "accuracy":
+        return tp.sum(axis=1) / n
+    if metric in ("f1", "macro_f1"):
+        denom = true_count + pred_count  # = 2tp + fp + fn
+        f1 = np.divide(2 * tp, denom, out=np.zeros_like(denom), where=denom > 0)
+        return f1[:, 1] if metric == "f1" else f1.mean(axis=1)
+    if metric == "mcc":
+        cov = tp.sum(axis=1) * n - (true_count * pred_count).sum(axis=1)
+        denom = np.sqrt((n**2 - (pred_count**2).sum(axis=1)) * (n**2 - (true_count**2).sum(axis=1)))
+        return np.divide(cov, denom, out=np.zeros_like(cov), where=denom > 0)
+    raise ValueError(f"unknown metric {metric!r}")
+
+
 def normalise_ws(text: str) -> str:
     """Collapse every whitespace run (newlines included) to one space and strip the ends."""
     return " ".join(text.split())
@@ -205,20 +226,38 @@ class Task:
             raise ValueError(f"{self.name}: bad label {label!r} (expected an int in 0..{self.num_labels - 1})")
 
     # -- metrics ------------------------------------------------------------------------------
+    # The one implementation of every metric: from confusion matrices, so that evaluate's paired
+    # bootstrap scores thousands of resamples with the same arithmetic as a single evaluation.
     def compute_metrics(self, y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, float]:
-        """Every metric in ``self.metrics`` as a plain float (f1: binary, positive class 1)."""
-        from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+        """Every metric in ``self.metrics`` as a plain float (f1: binary, positive class 1; macro_f1:
+        mean over all labels; an undefined F1 or MCC counts 0, as sklearn's ``zero_division=0``)."""
+        import numpy as np
 
-        t, p = [int(y) for y in y_true], [int(y) for y in y_pred]
-        if not t or len(t) != len(p):
+        t, p = np.asarray([int(y) for y in y_true]), np.asarray([int(y) for y in y_pred])
+        if not len(t) or len(t) != len(p):
             raise ValueError(f"{self.name}: need equal, non-empty y_true/y_pred (got {len(t)}, {len(p)})")
-        fns = {
-            "accuracy": lambda: accuracy_score(t, p),
-            "f1": lambda: f1_score(t, p, pos_label=1, average="binary", zero_division=0),
-            "macro_f1": lambda: f1_score(t, p, labels=list(range(self.num_labels)), average="macro", zero_division=0),
-            "mcc": lambda: matthews_corrcoef(t, p),
-        }
-        return {m: float(fns[m]()) for m in self.metrics}
+        if t.min() < 0 or p.min() < 0 or max(t.max(), p.max()) >= self.num_labels:
+            raise ValueError(f"{self.name}: labels must be class ids in 0..{self.num_labels - 1}")
+        cm = self.confusion(t, p)
+        return {m: float(_from_confusion(cm, m)[0]) for m in self.metrics}
+
+    def confusion(self, y_true, y_pred, rows=None):
+        """Confusion matrices ``[B, gold, predicted]`` (counts) of the example subsets ``rows`` (``[B, m]``
+        indices into the arrays; default: one subset, every example)."""
+        import numpy as np
+
+        y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+        rows = np.arange(len(y_true))[None] if rows is None else np.atleast_2d(rows)
+        c = self.num_labels
+        cells = y_true[rows] * c + y_pred[rows] + (np.arange(rows.shape[0]) * c * c)[:, None]
+        return np.bincount(cells.ravel(), minlength=rows.shape[0] * c * c).reshape(rows.shape[0], c, c)
+
+    def metric_on_rows(self, y_true, y_pred, rows, metric: str):
+        """``metric`` on each example subset in ``rows`` (``[B, m]``): a ``[B]`` array, computed exactly as
+        :meth:`compute_metrics` computes it on all examples."""
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+        return _from_confusion(self.confusion(y_true, y_pred, rows), metric)
 
 
 class CopaTask(Task):
@@ -394,8 +433,10 @@ TASKS: dict[str, Task] = {
 
 
 def get_task(name: str) -> Task:
-    """The registered task called ``name``; KeyError listing the known tasks otherwise."""
+    """The registered task called ``name``; UnknownNameError (a KeyError) listing the known tasks otherwise."""
     try:
         return TASKS[name]
     except KeyError:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
+        from retrikt.errors import UnknownNameError
+
+        raise UnknownNameError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None

@@ -5,7 +5,10 @@
 - MLflow: one parent run per pipeline execution (keyed by git commit, DVC experiment name and the
   params.yaml hash, so every stage of one ``dvc repro``/``dvc exp run`` nests under the same parent),
   one nested run per stage with its params, metrics (per step for curves) and artifacts, tagged with
-  stage, task, seed, git commit and ``DVC_EXP_NAME``.
+  stage, task, seed, git commit and ``DVC_EXP_NAME``. The parent run carries the whole params.yaml as
+  params, runs from the first stage's start to the last stage's end, and gets the headline (metrics,
+  best-baseline tags, a description and the figures) from ``evaluate`` (:meth:`StageRun.set_pipeline_summary`).
+  The experiment is tagged as a model-training experiment (``mlflow.experimentKind``).
 - Store: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<repo>/mlflow.db`` where <repo> is the *main*
   checkout even when DVC runs a queued experiment in a temporary copy under ``.dvc/tmp/exps/``, so
   foreground and queued runs land in the same store. Artifacts go to ``<repo>/mlartifacts``.
@@ -16,11 +19,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import subprocess
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,12 @@ from retrikt.paths import main_repo_root
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "retrikt"
+# MLflow 3's UI opens an experiment on the view of its kind; this tag says "model training". (MLflow
+# 3.17's UI also keeps a GenAI / Machine-learning switch of its own in the sidebar, default GenAI,
+# remembered per browser; a link with ``?workflowType=machine_learning`` sets it.)
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+# A saved view of the runs table with the headline columns (see save_headline_view)
+VIEW_TAG_PREFIX, VIEW_ID, VIEW_NAME, MAX_VIEW_COLUMNS = "mlflow.sharedViewState.", "headline", "Headline", 60
 TELEMETRY_ENV = {
     "DVC_NO_ANALYTICS": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -62,6 +73,41 @@ def tracking_uri() -> str:
     return uri or f"sqlite:///{main_repo_root() / 'mlflow.db'}"
 
 
+_LOCK_DEPTH = 0  # store_lock held by this process (re-entrant)
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """For a sqlite store: hold an exclusive lock on ``<db>.lock``, re-entrant within the process.
+
+    Stages of experiments run in parallel (``dvc queue start -j N``) write one sqlite file at once;
+    without this, two first-time writers race through MLflow's schema migration ("table
+    _alembic_tmp_experiments already exists") or time out on sqlite's own lock, and a run is lost.
+    A tracking server serialises on its own side: no lock."""
+    global _LOCK_DEPTH
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    if _LOCK_DEPTH:  # this process holds it already
+        _LOCK_DEPTH += 1
+        try:
+            yield
+        finally:
+            _LOCK_DEPTH -= 1
+        return
+    import fcntl
+
+    path = Path(uri[len("sqlite:///"):] + ".lock")
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        _LOCK_DEPTH = 1
+        try:
+            yield
+        finally:
+            _LOCK_DEPTH = 0
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Raise TrackingError (one line) if ``uri`` is an MLflow server that does not answer its /health."""
     if not uri.startswith(("http://", "https://")):
@@ -77,6 +123,32 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         reason = getattr(e, "reason", e)
         raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix "
                             "MLFLOW_TRACKING_URI, or set RETRIKT_MLFLOW=0 to run untracked") from None
+
+
+def save_headline_view(client, experiment_id: str, columns: list[str], width: int = 150) -> None:
+    """A saved view of the experiment's runs table (MLflow 3.17: an experiment tag
+    ``mlflow.sharedViewState.<id>`` holding ``{name, createdAt, updatedAt, state}``, listed under
+    "Views" and opened by ``?viewStateShareKey=<id>``) showing ``columns`` (``metrics.`k```,
+    ``tags.`k```) beside each run, merged with the columns it already had."""
+    key = VIEW_TAG_PREFIX + VIEW_ID
+    now = int(time.time() * 1000)
+    old = client.get_experiment(experiment_id).tags.get(key)
+    created, had = now, []
+    if old:
+        try:
+            envelope = json.loads(old)
+            created, had = envelope["createdAt"], json.loads(envelope["state"]).get("selectedColumns", [])
+        except (ValueError, KeyError, TypeError):
+            pass
+    keep = list(dict.fromkeys([*(c for c in had if c not in columns), *columns]))[-MAX_VIEW_COLUMNS:]
+    state = {"selectedColumns": keep, "columnWidths": {c: width for c in keep}}
+    client.set_experiment_tag(experiment_id, key, json.dumps(
+        {"name": VIEW_NAME, "createdAt": created, "updatedAt": now, "state": json.dumps(state)}))
+
+
+def experiment_url(base: str = "http://127.0.0.1:5000", experiment_id: str = "1") -> str:
+    """The runs table of the experiment in the headline view (and the UI's model-training mode)."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_ID}"
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
@@ -128,14 +200,17 @@ class StageRun:
         self.timings: dict[str, Any] = {}
         self.tags = dict(tags or {})
         self._mlflow = None
+        self._uri = ""
         self.run_id: str | None = None
+        self._parent_id: str | None = None
 
     # -- MLflow, guarded --------------------------------------------------------------------- #
     def _ml(self, fn, *args, **kwargs):
         if self._mlflow is None:
             return None
         try:
-            return fn(*args, **kwargs)
+            with store_lock(self._uri):
+                return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - tracking must never fail a stage
             self._disable(e)
             return None
@@ -150,6 +225,14 @@ class StageRun:
     def _start_mlflow(self) -> None:
         if os.environ.get("RETRIKT_MLFLOW", "1") == "0":
             return
+        self._uri = tracking_uri()
+        try:
+            with store_lock(self._uri):  # one writer at a time on a sqlite store
+                self._start_mlflow_locked()
+        except Exception as e:  # noqa: BLE001
+            self._disable(e)
+
+    def _start_mlflow_locked(self) -> None:
         try:
             import mlflow
             from mlflow.tracking import MlflowClient
@@ -160,10 +243,20 @@ class StageRun:
             exp = client.get_experiment_by_name(EXPERIMENT)
             if exp is None:
                 art = (main_repo_root() / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
-                exp_id = client.create_experiment(EXPERIMENT, artifact_location=art)
+                try:
+                    exp_id = client.create_experiment(EXPERIMENT, artifact_location=art, tags={KIND_TAG: KIND})
+                except Exception:  # noqa: BLE001 - a concurrent stage (dvc queue -j N) created it first
+                    exp = client.get_experiment_by_name(EXPERIMENT)
+                    if exp is None:
+                        raise
+                    exp_id = exp.experiment_id
             else:
                 exp_id = exp.experiment_id
+                if exp.tags.get(KIND_TAG) != KIND:  # a store made before the tag existed
+                    client.set_experiment_tag(exp_id, KIND_TAG, KIND)
             parent = self._parent_run(client, exp_id)
+            self._parent_id = parent
+            client.update_run(parent, status="RUNNING")  # until this stage ends
             commit = git_commit()
             tags = {"stage": self.stage, "git_commit": commit, "mlflow.parentRunId": parent,
                     "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"), **self.execution, **self.tags}
@@ -191,8 +284,20 @@ class StageRun:
         run = client.create_run(exp_id, run_name=f"pipeline/{exp_name}",
                                 tags={"pipeline_key": key, "git_commit": commit, "dvc_exp_name": exp_name,
                                       "stage": "pipeline"})
-        client.set_terminated(run.info.run_id)
-        return run.info.run_id
+        # the whole params.yaml (the key pins it), so the runs table compares pipelines' params too
+        try:
+            import yaml
+
+            raw = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")) or {}
+        except (OSError, ValueError):
+            raw = {}
+        flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in _flatten(raw).items()}
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run.info.run_id, params=items[i:i + 100])
+        return run.info.run_id  # its end time follows the last stage that ends (``__exit__``)
 
     # -- public API ---------------------------------------------------------------------------- #
     def __enter__(self) -> "StageRun":
@@ -235,6 +340,33 @@ class StageRun:
             fn = self._client.log_artifacts if Path(path).is_dir() else self._client.log_artifact
             self._ml(fn, self.run_id, str(path), artifact_path)
 
+    def set_pipeline_summary(self, metrics: dict[str, float], tags: dict[str, str] | None = None,
+                             description: str | None = None,
+                             artifacts: dict[str, str | os.PathLike] | None = None) -> None:
+        """The headline of the whole pipeline, on its parent run (so the runs table shows it without
+        expanding anything): ``metrics``, ``tags``, a markdown ``description`` (the run's note) and
+        ``artifacts`` (artifact folder -> file or folder)."""
+        if self._mlflow is None or self._parent_id is None:
+            return
+        from mlflow.entities import Metric, RunTag
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, 0) for k, v in _flatten(metrics).items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        if description:
+            run_tags.append(RunTag("mlflow.note.content", description))
+        for i in range(0, max(len(items), 1), 1000):
+            self._ml(self._client.log_batch, self._parent_id, metrics=items[i:i + 1000],
+                     tags=run_tags if i == 0 else [])
+        for folder, path in (artifacts or {}).items():
+            if Path(path).exists():
+                fn = self._client.log_artifacts if Path(path).is_dir() else self._client.log_artifact
+                self._ml(fn, self._parent_id, str(path), folder or None)
+        columns = [f"metrics.`{m.key}`" for m in items] + [f"tags.`{k}`" for k in (tags or {})]
+        self._ml(save_headline_view, self._client, self._client.get_run(self._parent_id).info.experiment_id,
+                 columns)
+
     def write_files(self) -> None:
         for name, rows in self.plot_rows.items():
             path = self.plot_paths.get(name)
@@ -252,3 +384,5 @@ class StageRun:
         if self._mlflow is not None:
             status = "FINISHED" if exc_type is None else "FAILED"
             self._ml(self._client.set_terminated, self.run_id, status)
+            if self._parent_id is not None:  # the pipeline's duration: first stage start -> last stage end
+                self._ml(self._client.set_terminated, self._parent_id, status)

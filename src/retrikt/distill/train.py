@@ -2,7 +2,7 @@
 
 Student: the first L layers of the base encoder with a fresh head (``Classifier.from_base``).
 Teacher / reward model: ``models/<task>/teacher``, frozen. Optimiser for every method: AdamW with
-the teacher's ``weight_decay`` and ``warmup_ratio`` (linear warm-up/decay), gradient norm clipped
+``student.weight_decay`` and ``student.warmup_ratio`` (linear warm-up/decay), gradient norm clipped
 to 1 (:func:`retrikt.classifier.fit`, the loop the teacher uses too). Losses all come from
 :mod:`retrikt.distill.losses`; α = ``kd_alpha``, T = ``kd_temperature``:
 
@@ -57,9 +57,11 @@ from retrikt.predict import STORE_SUBDIR, retrieval_proba
 from retrikt.seeding import seed_everything
 from retrikt.tasks import get_task
 from retrikt.teacher import write_predictions
+from retrikt.timing import ab_latency
 
 log = logging.getLogger(__name__)
 LATENCY_EXAMPLES = 64
+LATENCY_ROUNDS = 3  # A/B rounds over the LATENCY_EXAMPLES validation rows
 MGSKD_MAX_HEADS = 64  # n_relation_heads in both official repos
 TEACHER_BATCH = 32  # batch size of the one-off teacher passes
 
@@ -255,72 +257,99 @@ def _reward_model_entry_embeddings(task: str, n_entries: int) -> np.ndarray:
 
 
 class Retrieval:
-    """The ``retrikt`` objective; also builds the student's store index for validation and saving."""
+    """The ``retrikt`` objective; also builds the student's store index for validation and saving.
+
+    Queries: the train rows, and with ``retrieval_queries: train+store`` every store entry too (each
+    entry never among its own candidates). Candidates: each query's top-K store entries under the
+    reward model (exact cosine). The loss is ``KL(q_RM ‖ q_S)`` over them. With
+    ``retrieval_candidate_grad`` the student embeds the batch's candidates afresh, with gradient (cost:
+    the union of the batch's candidate lists, up to B·K entries, every step); without it the candidate
+    side reads the student's embeddings of the whole store made once per epoch — the same pass that
+    builds the index for that epoch's validation — and the gradient flows through the queries only.
+    """
 
     def __init__(self, student: Classifier, teacher: Classifier, train: list[dict], entries: list[dict],
                  params: Params):
         self.student, self.train, self.entries, self.params = student, train, entries, params
         sp = params.student
         self.tau, self.top_k, self.ce_weight = sp.retrieval_tau, sp.retrieval_top_k, sp.retrieval_ce_weight
+        self.candidate_grad = sp.retrieval_candidate_grad
         self.soft = store.soft_labels(entries)
         t_entries = _reward_model_entry_embeddings(student.task.name, len(entries))
-        t_queries = teacher.embed(train)
-        self.candidates = teacher_candidates(t_queries, t_entries, sp.retrieval_candidates,
-                                             _identical_entries(student.task, train, entries))
+        exclude = _identical_entries(student.task, train, entries)
+        self.queries, t_queries = list(train), teacher.embed(train)
+        self.gold = [r["label"] for r in train]  # the store entries have no gold label (CE term: train rows only)
+        if sp.retrieval_queries == "train+store":
+            same = _identical_entries(student.task, entries, entries)
+            exclude += [same[j] | {j} for j in range(len(entries))]
+            self.queries += entries
+            t_queries = np.concatenate([t_queries, t_entries])
+        self.candidates = teacher_candidates(t_queries, t_entries, sp.retrieval_candidates, exclude)
         # what the loss reads every step, moved once to the student's device
         dev = student.model.device
         self.t_entries, self.t_queries, self.t_soft = (torch.from_numpy(x).to(dev)
                                                        for x in (t_entries, t_queries, self.soft))
         self.index = None
+        self.entry_emb = None if self.candidate_grad else self._embed_entries()
 
     def objective(self) -> Objective:
-        return Objective(len(self.train), self.loss, self.predict)
+        return Objective(len(self.queries), self.loss, self.predict)
+
+    def _embed_entries(self) -> torch.Tensor:
+        """The student's embeddings of every store entry (no gradient), on the student's device."""
+        return torch.from_numpy(self.student.embed(self.entries)).to(self.student.model.device)
 
     def loss(self, idx: list[int]) -> torch.Tensor:
         cand = self.candidates[idx]                                   # [B, K] entry rows
-        union, pos = np.unique(cand, return_inverse=True)
-        s_q = self.student.embed_tensor([self.train[i] for i in idx])
-        s_u = self.student.embed_tensor([self.entries[u] for u in union])
-        s_c = s_u[torch.from_numpy(pos.reshape(cand.shape)).to(s_u.device)]  # [B, K, H]
-        c = torch.from_numpy(cand).to(s_q.device)
+        c = torch.from_numpy(cand).to(self.student.model.device)
+        s_q = self.student.embed_tensor([self.queries[i] for i in idx])
+        if self.candidate_grad:
+            union, pos = np.unique(cand, return_inverse=True)
+            s_u = self.student.embed_tensor([self.entries[u] for u in union])
+            s_c = s_u[torch.from_numpy(pos.reshape(cand.shape)).to(s_u.device)]  # [B, K, H]
+        else:
+            s_c = self.entry_emb[c]
         loss = L.retrieval_kl_loss(self.t_queries[idx], self.t_entries[c], s_q, s_c, self.tau)
-        if self.ce_weight > 0:
-            sims = torch.einsum("bh,bkh->bk", s_q, s_c)
+        gold = [j for j, i in enumerate(idx) if i < len(self.gold)]
+        if self.ce_weight > 0 and gold:
+            sims = torch.einsum("bh,bkh->bk", s_q[gold], s_c[gold])
             top, at = sims.topk(min(self.top_k, sims.shape[1]), dim=1)
-            p = L.retrieval_aggregate(top, self.t_soft[c.gather(1, at)], self.tau)
-            y = _labels([self.train[i] for i in idx], s_q.device)
+            p = L.retrieval_aggregate(top, self.t_soft[c[gold].gather(1, at)], self.tau)
+            y = torch.tensor([self.gold[idx[j]] for j in gold], device=s_q.device)
             loss = loss + self.ce_weight * -p.gather(1, y[:, None]).clamp_min(1e-12).log().mean()
         return loss
 
     def build_index(self):
-        """The student's own index over the store (kind from params.index), rows = entry ids."""
+        """The student's own index over the store (kind from params.index), rows = entry ids; its
+        embeddings also serve the next epoch's candidate side (without ``retrieval_candidate_grad``)."""
         ip = self.params.index
         emb = self.student.embed(self.entries)
         self.index = store.build_index(emb, ip.type, ip.nlist, ip.hnsw_m, self.params.seed)
+        if not self.candidate_grad:
+            self.entry_emb = torch.from_numpy(emb).to(self.student.model.device)
         return self.index
 
     def predict(self, rows: Sequence[dict], index=None) -> np.ndarray:
+        """Validation / test probabilities; without an ``index`` it is (re)built from the current student,
+        once per call — i.e. once per epoch in training, then reused for saving."""
         index = self.build_index() if index is None else index
         ids = np.arange(len(self.entries))
         return retrieval_proba(self.student.embed(rows), index, ids, self.soft, self.top_k, self.tau)[0]
 
 
-def median_ms(fn: Callable[[object], object], items: Sequence[object]) -> float:
-    """Median wall time of ``fn(item)`` over ``items`` (after one warm-up call), in milliseconds."""
-    fn(items[0])
-    times = []
-    for item in items:
-        t0 = time.perf_counter()
-        fn(item)
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * float(np.median(times))
+def serving_latency(student: Classifier, serve: Callable[[dict], object], rows: Sequence[dict]) -> dict[str, float]:
+    """Batch-1 serving latency, A/B interleaved against the plain forward of the same student in this
+    process (:func:`retrikt.timing.ab_latency`, medians over ``LATENCY_ROUNDS`` rounds of ``rows``).
 
-
-def _forward_ms(student: Classifier, rows: Sequence[dict]) -> float:
-    """Batch-1 latency of the bare student forward (tokenisation excluded; ``.cpu()`` waits for a GPU)."""
+    ``latency_ms``: ``serve(row)`` end to end (tokenise, forward, and for ``retrikt`` the search and the
+    aggregation); ``forward_latency_ms``: the bare forward on pre-tokenised input (``.cpu()`` waits for a
+    GPU); ``latency_ratio``: the median per-row ratio of the two, the number to compare across methods.
+    """
     encs = [student.encode([r]) for r in rows]
     with torch.no_grad():
-        return median_ms(lambda enc: student.model(**enc).logits.cpu(), encs)
+        ab = ab_latency(lambda i: serve(rows[i]), lambda i: student.model(**encs[i]).logits.cpu(),
+                        list(range(len(rows))), rounds=LATENCY_ROUNDS)
+    return {"latency_ms": ab["a_ms"], "forward_latency_ms": ab["b_ms"], "latency_ratio": ab["ratio"]}
 
 
 # --------------------------------------------------------------------------------- the stage --- #
@@ -331,7 +360,8 @@ def train_student(params: Params, task_name: str, run, *, method: str, layers: i
     task, sp = get_task(task_name), params.student
     train = read_jsonl(paths.split_file(task.name, "train"))
     validation = read_jsonl(paths.split_file(task.name, "validation"))
-    student = Classifier.from_base(paths.base_model("encoder"), task, sp.max_length, num_layers=layers)
+    student = Classifier.from_base(paths.base_model("encoder"), task, sp.max_length, num_layers=layers,
+                                   pooling=sp.pooling)
     teacher = None if method == "finetune" else _load_teacher(task.name)
     entries = store.load_entries(task.name) if method in ("retrikt", "retrikt_kd") else None
     retrieval = None
@@ -348,8 +378,9 @@ def train_student(params: Params, task_name: str, run, *, method: str, layers: i
     del teacher  # the objectives hold what they need
     setup_seconds = time.perf_counter() - t0
     fit(objective, student, validation, epochs=sp.epochs, lr=sp.lr, batch_size=sp.batch_size, seed=seed,
-        weight_decay=params.teacher.weight_decay, warmup_ratio=params.teacher.warmup_ratio,
-        on_epoch=lambda row: run.add_plot_row("student_curve", row, step_key="epoch"))
+        weight_decay=params.student.weight_decay, warmup_ratio=params.student.warmup_ratio,
+        on_epoch=lambda row: run.add_plot_row("student_curve", row, step_key="epoch"),
+        desc=f"{method}-L{layers}-s{seed} {task.name}", dtype=sp.dtype)
     train_seconds = time.perf_counter() - t0
 
     folder = paths.student(task.name, method, layers, seed)
@@ -359,7 +390,7 @@ def train_student(params: Params, task_name: str, run, *, method: str, layers: i
     with atomic_dir(folder) as tmp:
         student.save(tmp, extra=extra)
         if retrieval is not None:
-            index = retrieval.build_index()
+            index = retrieval.index  # built from the final student by the last epoch's validation
             meta = {"task": task.name, "embedded_by": "student", "method": method}
             store.save_index(tmp / STORE_SUBDIR, index, [e["id"] for e in entries], meta)
             shutil.copyfile(store.entries_file(task.name), tmp / STORE_SUBDIR / "entries.jsonl")
@@ -384,7 +415,7 @@ def train_student(params: Params, task_name: str, run, *, method: str, layers: i
            "model_bytes": (folder / "model.safetensors").stat().st_size, "store_bytes": store_bytes}
     timings = {"train_seconds": train_seconds, "setup_seconds": setup_seconds,
                "epoch_seconds": (train_seconds - setup_seconds) / sp.epochs,
-               "latency_ms": median_ms(serve, timed), "forward_latency_ms": _forward_ms(student, timed)}
+               **serving_latency(student, serve, timed)}
     run.set_metrics(out)  # same seed -> identical file
     run.set_timings(timings)  # machine-dependent: reports/timings/
     return {**out, **timings}
