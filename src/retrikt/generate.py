@@ -49,6 +49,7 @@ from retrikt.classifier import Classifier
 from retrikt.generator import length_budget, load_tokenizer, load_with_prompt, sample_full, source_text, target_lengths
 from retrikt.io import DataError, MissingInputError, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 from retrikt.params import Params
+from retrikt.progress import bar
 from retrikt.rl.rewards import corpus_self_bleu
 from retrikt.sampling import field_name_tokens
 from retrikt.tasks import PARSE_FAILURES, Task, get_task
@@ -192,10 +193,12 @@ def _sample_llm(params: Params, task: Task, train: list[dict]) -> tuple[list[tup
                          params.seed)
     log.info("generate: %d samples from %s (max_new_tokens %d, %s)", len(labels), adapter, budget, gp.dtype)
     t0 = time.time()
-    drawn = sample_full(model, tok, [source_text(task, lab) for lab in labels], max_new_tokens=budget,
-                        temperature=gp.temperature, top_p=gp.top_p, batch_size=gp.batch_size, seed=params.seed,
-                        dtype=gp.dtype, stop_lines=len(task.line_names) if gp.end_at_last_line else None,
-                        field_names=task.line_names if forced else None)
+    with bar(total=len(labels), desc=f"generate {task.name}: sampling", unit="sample") as b:
+        drawn = sample_full(model, tok, [source_text(task, lab) for lab in labels], max_new_tokens=budget,
+                            temperature=gp.temperature, top_p=gp.top_p, batch_size=gp.batch_size, seed=params.seed,
+                            dtype=gp.dtype, stop_lines=len(task.line_names) if gp.end_at_last_line else None,
+                            field_names=task.line_names if forced else None, on_done=lambda _: b.update(1))
+        b.set_postfix(tokens_per_s=drawn.tokens / max(time.time() - t0, 1e-9))
     seconds = time.time() - t0
     del model
     ended = Counter(drawn.ended)
@@ -243,7 +246,8 @@ def generate(params: Params, task_name: str, run) -> dict:
 
     cands, clean = clean_examples(task, [ex for ex, _, _ in drawn], train, validation, gp.near_dup_threshold)
     teacher = Classifier.load(paths.teacher(task.name))
-    proba = teacher.predict_proba([drawn[i][0] for i in cands]) if cands else np.zeros((0, task.num_labels))
+    proba = (teacher.predict_proba([drawn[i][0] for i in cands], desc=f"generate {task.name}: soft labels")
+             if cands else np.zeros((0, task.num_labels)))
     conditioned = [drawn[i][1] for i in cands]
     agree = [lab is not None and int(p.argmax()) == lab for p, lab in zip(proba, conditioned)]
     keep = [j for j in range(len(cands)) if agree[j] or not gp.filter_by_teacher]

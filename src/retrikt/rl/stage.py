@@ -32,6 +32,7 @@ from retrikt.classifier import Classifier
 from retrikt.generator import length_budget, load_with_prompt, sample_full, source_text
 from retrikt.io import atomic_dir, atomic_write_json, read_jsonl
 from retrikt.params import Params
+from retrikt.progress import bar
 from retrikt.rl.rewards import RewardWeights, compute_rewards, corpus_self_bleu, length_bounds
 from retrikt.tasks import Task, get_task
 
@@ -88,11 +89,13 @@ def structure(task: Task, rp) -> dict:
             "field_names": task.line_names if rp.force_field_names else None}
 
 
-def rollout_quality(model, tok, reward: RolloutReward, conditions: list[str], rp, seed: int) -> dict[str, float]:
+def rollout_quality(model, tok, reward: RolloutReward, conditions: list[str], rp, seed: int,
+                    phase: str = "evaluation") -> dict[str, float]:
     """Reward-model confidence, agreement, parse rate and self-BLEU of seeded evaluation rollouts."""
-    drawn = sample_full(model, tok, conditions, max_new_tokens=rp.max_new_tokens, temperature=rp.temperature,
-                        top_p=rp.top_p, batch_size=len(conditions), seed=seed, dtype=rp.dtype,
-                        **structure(reward.task, rp))
+    with bar(total=len(conditions), desc=f"ppo {reward.task.name}: {phase} rollouts", unit="rollout") as b:
+        drawn = sample_full(model, tok, conditions, max_new_tokens=rp.max_new_tokens, temperature=rp.temperature,
+                            top_p=rp.top_p, batch_size=len(conditions), seed=seed, dtype=rp.dtype,
+                            on_done=lambda _: b.update(1), **structure(reward.task, rp))
     r = reward(drawn.texts, conditions, drawn.finished)
     return {"confidence": r["mean_accuracy"], "rm_accuracy": r["rm_accuracy"], "self_bleu": r["self_bleu"],
             "parse_rate": 1.0 - r["mean_parse_fail"], "finished_rate": float(np.mean(drawn.finished)),
@@ -110,9 +113,12 @@ def _train_ours(model, tok, reward, draw, rp, seed: int, run) -> None:
                 "rm_accuracy", "entropy", "clip_frac", "policy_loss", "value_loss", "response_length")
         run.add_plot_row("ppo_curve", {"update": i + 1, **{k: float(stats[k]) for k in keep if k in stats}},
                          step_key="update")
-        log.info("ppo update %d: %s", i + 1, {k: round(float(v), 4) for k, v in stats.items()})
+        updates.update(1)
+        updates.set_postfix(reward=stats["reward"], kl=stats["kl"], parse_fail=stats.get("parse_fail", 0.0))
+        log.debug("ppo update %d: %s", i + 1, {k: round(float(v), 4) for k, v in stats.items()})
 
-    trainer.train(draw, rp.updates, log_update)
+    with bar(total=rp.updates, desc=f"ppo {reward.task.name}: updates", unit="update") as updates:
+        trainer.train(draw, rp.updates, log_update)
 
 
 def _train_trl(model, tok, reward, draw, rp, seed: int, run) -> None:
@@ -150,10 +156,10 @@ def ppo(params: Params, task_name: str, run) -> dict:
     rp = dataclasses.replace(rp, max_new_tokens=length_budget(rp.max_new_tokens, tok, task, train))
     eval_conditions = balanced_conditions(task, rp.eval_samples)
 
-    before = rollout_quality(model, tok, reward, eval_conditions, rp, params.seed + 1)
+    before = rollout_quality(model, tok, reward, eval_conditions, rp, params.seed + 1, "before")
     draw = label_sampler(task, train, rp.label_sampling, params.seed)
     (_train_ours if rp.algorithm == "ppo" else _train_trl)(model, tok, reward, draw, rp, params.seed, run)
-    after = rollout_quality(model, tok, reward, eval_conditions, rp, params.seed + 1)
+    after = rollout_quality(model, tok, reward, eval_conditions, rp, params.seed + 1, "after")
 
     # keep the RL prompt only if it improved the seeded evaluation reward (rl.require_improvement);
     # otherwise say so in the metrics and let `generate` fall back to the step-1 prompt
