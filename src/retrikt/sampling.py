@@ -181,11 +181,12 @@ class _Rules:
         return bool(self.forced) and d.breaks < len(self.forced) - 1
 
     def block(self, logits: torch.Tensor, drawn: Sequence[Drawn]) -> torch.Tensor:
-        """``logits`` (one row per sample in ``drawn``) with EOS ruled out where :meth:`blocks_eos`."""
-        rows = [r for r, d in enumerate(drawn) if self.blocks_eos(d)]
-        if rows:
-            logits = logits.clone()
-            logits[rows, self.eos] = float("-inf")
+        """``logits`` (one row per sample in ``drawn``) with EOS ruled out, in place, where :meth:`blocks_eos`
+        (the loops own these rows: they are recomputed, or copied from the prefix stash, every step)."""
+        if self.forced:
+            rows = [r for r, d in enumerate(drawn) if self.blocks_eos(d)]
+            if rows:
+                logits[rows, self.eos] = float("-inf")
         return logits
 
     def choose(self, d: Drawn, sampled: int) -> int:
