@@ -294,6 +294,8 @@ class LlamaDecoder:
         Attention reads each slot's cache rows ``0..pos[b]`` (grouped-query, K/V heads not repeated)."""
         m = tokens.shape[0]
         span = int(pos.max()) + 1
+        if span * 5 >= self.max_len * 2:  # a slice of the cache makes matmul copy it: past 40 % of the cache,
+            span = self.max_len           # reading all of it (masked) is faster than that copy (measured)
         h = self.embed(tokens).to(self.dtype)                                  # [m, H]
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]             # [m, 1, D]
         keys = torch.arange(span, device=self.device)
