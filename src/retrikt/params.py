@@ -80,6 +80,7 @@ class TeacherParams:
     max_length: int = _f(lo=8, hi=4096)
     weight_decay: float = _f(lo=0)
     warmup_ratio: float = _f(lo=0, hi=1)
+    dtype: Literal["float32", "bfloat16"]  # training compute dtype (bf16: fp32 master weights, autocast)
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,8 @@ class StudentParams:
     retrieval_ce_weight: float = _f(lo=0)
     retrieval_queries: Literal["train", "train+store"]
     retrieval_candidate_grad: bool
+    pooling: Literal["cls", "mean"]  # what the classification head reads: [CLS] or the masked token mean
+    dtype: Literal["float32", "bfloat16"]  # training compute dtype (bf16: fp32 master weights, autocast)
 
     @property
     def methods(self) -> list[str]:

@@ -30,7 +30,7 @@ def teacher(params: Params, task_name: str, run) -> dict:
     train_classifier(clf, train, validation, epochs=tp.epochs, lr=tp.lr, batch_size=tp.batch_size, seed=params.seed,
                      weight_decay=tp.weight_decay, warmup_ratio=tp.warmup_ratio,
                      on_epoch=lambda row: run.add_plot_row("teacher_curve", row, step_key="epoch"),
-                     desc=f"teacher {task.name}")
+                     desc=f"teacher {task.name}", dtype=tp.dtype)
     metrics, proba = evaluate(clf, validation)
     clf.save(paths.teacher(task.name), extra={"base": tp.model})
     write_predictions(task.name, "teacher", validation, proba)
