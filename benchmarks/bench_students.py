@@ -8,6 +8,12 @@ long), soft-labelled by the teacher. The pipeline never does this: its store com
 generate stage. Then runs the index stage and one student per method × layers.
 
     python benchmarks/bench_students.py --epochs 1 --layers 2 4 --out /tmp/bench_students.json
+    python benchmarks/bench_students.py --dtypes float32 bfloat16 --seeds 0 1 2 --epochs 3 --layers 2 \
+        --teacher models/cb/teacher          # fp32/bf16 seconds per epoch and accuracy, per method
+
+With several ``--dtypes`` (``student.dtype``), each method × layers × seed is trained in every dtype
+back to back, and a closing table gives per method the epoch seconds per dtype, the float32/bf16 ratio
+(median over seeds) and the validation accuracy mean ± std over the seeds per dtype.
 
 Reported per run: ``setup_seconds`` (one-off teacher passes, candidate mining), ``epoch_seconds``
 (one epoch + its validation pass), ``total_seconds`` (the whole ``train_student`` call, saving and
@@ -28,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_repo(root: Path, store_size: int) -> None:
+def build_repo(root: Path, store_size: int, teacher: Path | None = None) -> None:
     import numpy as np
 
     from retrikt import paths, store
@@ -39,7 +45,7 @@ def build_repo(root: Path, store_size: int) -> None:
         write_jsonl(paths.split_file("cb", split), read_jsonl(REPO / paths.split_file("cb", split)))
     paths.base_model("encoder").parent.mkdir(parents=True, exist_ok=True)
     os.symlink(REPO / paths.base_model("encoder"), paths.base_model("encoder"))
-    real_teacher = REPO / paths.teacher("cb")
+    real_teacher = teacher or REPO / paths.teacher("cb")
     if (real_teacher / "model.safetensors").exists():  # a copy: the pipeline may replace the original
         shutil.copytree(real_teacher, paths.teacher("cb"))
     else:
@@ -62,6 +68,11 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--store", type=int, default=150)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16"],
+                    help="student.dtype values to compare (default: params.yaml's)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--teacher", type=Path, default=None,
+                    help="a trained teacher folder (default: models/cb/teacher, else an untrained head)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -80,28 +91,62 @@ def main() -> None:
     disable_telemetry()
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["student"]["epochs"] = args.epochs
-    params = parse_params(raw)
+    dtypes = args.dtypes or [raw["student"]["dtype"]]
+    by_dtype = {}
+    for dtype in dtypes:
+        raw["student"]["dtype"] = dtype
+        by_dtype[dtype] = parse_params(raw)
+    params = by_dtype[dtypes[0]]
+    teacher = args.teacher.resolve() if args.teacher else None
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-students-") as tmp:
         os.chdir(tmp)
-        build_repo(Path(tmp), args.store)
+        build_repo(Path(tmp), args.store, teacher)
         with StageRun("index", metrics_path=None, task="cb") as run:
             print("index:", json.dumps(index_stage(params, "cb", run)), flush=True)
-        for layers in args.layers:
-            for method in args.methods or METHODS:
-                load0, t0, c0 = os.getloadavg()[0], time.perf_counter(), time.process_time()
-                with StageRun("train_student", metrics_path=None, task="cb") as run:
-                    m = train_student(params, "cb", run, method=method, layers=layers, seed=0)
-                row = {"method": method, "layers": layers, "epochs": args.epochs,
-                       "setup_seconds": round(m["setup_seconds"], 1), "epoch_seconds": round(m["epoch_seconds"], 1),
-                       "total_seconds": round(time.perf_counter() - t0, 1),
-                       "cpu_seconds": round(time.process_time() - c0, 1),
-                       "latency_ms": round(m["latency_ms"], 1), "forward_latency_ms": round(m["forward_latency_ms"], 1),
-                       "accuracy": round(m["accuracy"], 3), "load_avg": [round(load0, 1), round(os.getloadavg()[0], 1)]}
-                results.append(row)
-                print(json.dumps(row), flush=True)
+        for layers, method, seed, dtype in ((lay, meth, sd, dt) for lay in args.layers
+                                            for meth in args.methods or METHODS
+                                            for sd in args.seeds for dt in dtypes):
+            load0, t0, c0 = os.getloadavg()[0], time.perf_counter(), time.process_time()
+            with StageRun("train_student", metrics_path=None, task="cb") as run:
+                m = train_student(by_dtype[dtype], "cb", run, method=method, layers=layers, seed=seed)
+            row = {"method": method, "layers": layers, "seed": seed, "dtype": dtype, "epochs": args.epochs,
+                   "setup_seconds": round(m["setup_seconds"], 1), "epoch_seconds": round(m["epoch_seconds"], 1),
+                   "total_seconds": round(time.perf_counter() - t0, 1),
+                   "cpu_seconds": round(time.process_time() - c0, 1),
+                   "latency_ms": round(m["latency_ms"], 1), "forward_latency_ms": round(m["forward_latency_ms"], 1),
+                   "accuracy": round(m["accuracy"], 3), "load_avg": [round(load0, 1), round(os.getloadavg()[0], 1)]}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    if len(dtypes) > 1:
+        print(dtype_table(results, dtypes))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def dtype_table(rows: list[dict], dtypes: list[str]) -> str:
+    """Per method × layers: epoch seconds per dtype, the first dtype / each other ratio (median over
+    seeds, paired by seed) and accuracy mean ± std over seeds per dtype, as Markdown."""
+    import numpy as np
+
+    order = [r["method"] for r in rows]
+    keys = sorted({(r["layers"], r["method"]) for r in rows}, key=lambda k: (k[0], order.index(k[1])))
+    head = ["method", "L"] + [f"{d} s/epoch" for d in dtypes] + [f"{dtypes[0]}/{d}" for d in dtypes[1:]] + \
+        [f"acc {d}" for d in dtypes]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for layers, method in keys:
+        rs = {d: {r["seed"]: r for r in rows if (r["layers"], r["method"], r["dtype"]) == (layers, method, d)}
+              for d in dtypes}
+        secs = [f"{np.median([r['epoch_seconds'] for r in rs[d].values()]):.1f}" for d in dtypes]
+        first = rs[dtypes[0]]
+        ratios = [f"{np.median([first[s]['epoch_seconds'] / r['epoch_seconds'] for s, r in rs[d].items()]):.2f}×"
+                  for d in dtypes[1:]]
+        accs = []
+        for d in dtypes:
+            a = [r["accuracy"] for r in rs[d].values()]
+            accs.append(f"{np.mean(a):.3f} ± {np.std(a, ddof=1):.3f}" if len(a) > 1 else f"{a[0]:.3f}")
+        lines.append("| " + " | ".join([method, str(layers), *secs, *ratios, *accs]) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
