@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from retrikt import paths
 from retrikt.device import get_device, to_device
 from retrikt.io import atomic_dir, atomic_write_json, read_json
 from retrikt.progress import bar
@@ -228,6 +229,13 @@ class Objective:
     n_items: int
     loss: Callable[[list[int]], torch.Tensor]
     predict: Callable[[Sequence[dict]], np.ndarray]
+
+
+def write_predictions(task: str, name: str, rows: list[dict], proba) -> None:
+    """Validation predictions in the shared format evaluate reads (idx, gold, predicted, probabilities)."""
+    atomic_write_json(paths.predictions(task, name), {
+        "idx": [r.get("idx", i) for i, r in enumerate(rows)], "label": [r["label"] for r in rows],
+        "pred": proba.argmax(1).tolist(), "proba": [[round(float(p), 6) for p in row] for row in proba]})
 
 
 def ce_objective(clf: Classifier, train: Sequence[dict]) -> Objective:

@@ -81,6 +81,7 @@ class TeacherParams:
     weight_decay: float = _f(lo=0)
     warmup_ratio: float = _f(lo=0, hi=1)
     dtype: Literal["float32", "bfloat16"]  # training compute dtype (bf16: fp32 master weights, autocast)
+    pooling: Literal["cls", "mean"]  # what the classification head reads: [CLS] or the masked token mean
 
 
 @dataclass(frozen=True)

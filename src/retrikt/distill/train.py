@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from retrikt import paths, store
-from retrikt.classifier import Classifier, Objective, ce_objective, fit
+from retrikt.classifier import Classifier, Objective, ce_objective, fit, write_predictions
 from retrikt.device import to_device
 from retrikt.distill import losses as L
 from retrikt.io import DataError, atomic_dir, read_jsonl
@@ -56,7 +56,6 @@ from retrikt.params import METHODS, Params, StudentParams
 from retrikt.predict import STORE_SUBDIR, retrieval_proba
 from retrikt.seeding import seed_everything
 from retrikt.tasks import get_task
-from retrikt.teacher import write_predictions
 from retrikt.timing import ab_latency
 
 log = logging.getLogger(__name__)
