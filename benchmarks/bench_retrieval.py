@@ -399,7 +399,7 @@ def main(argv=None) -> None:
     from retrikt import store
     from retrikt.classifier import Classifier
     from retrikt.io import read_jsonl
-    from retrikt.predict import retrieval_proba
+    from retrikt.retrieval import retrieval_proba
     from retrikt.tasks import get_task
 
     torch.set_num_threads(args.threads)

@@ -190,7 +190,8 @@ def real_model(tmp_path_factory):
     registry package is not installed."""
     import yaml
 
-    from retrikt.models import ModelResolutionError, resolve
+    from retrikt.errors import ModelResolutionError
+    from retrikt.resolve_model import resolve
     from retrikt.params import ModelSpec
 
     found: dict[str, Path] = {}

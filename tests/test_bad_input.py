@@ -51,7 +51,7 @@ def base_project(tmp_path_factory, tiny_encoder_dir):
         params = make_tiny_repo(tiny_encoder_dir, n_train=24, n_val=9, n_store=12, epochs=1, retrieval_candidates=8,
                                 retrieval_top_k=4)
         run_student(params, "retrikt")
-        from retrikt.models import resolve
+        from retrikt.resolve_model import resolve
         from retrikt.params import ModelSpec
 
         os.unlink("models/base/encoder")  # a symlink: resolve it as the pipeline does (retrikt_model.json)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from retrikt.models import (ModelResolutionError, build_student, count_parameters, is_seq2seq, load_generator,
-                            model_info, registry_path, resolve)
+from retrikt.errors import ModelResolutionError
+from retrikt.models import build_student, count_parameters, is_seq2seq, load_generator, model_info
+from retrikt.resolve_model import registry_path, resolve
 from retrikt.params import ModelSpec
 
 from .conftest import REPO

@@ -11,7 +11,8 @@ import torch
 
 from retrikt import paths
 from retrikt.io import DataError
-from retrikt.predict import format_prediction, parse_cli_inputs, predict
+from retrikt.predict import format_prediction, parse_cli_inputs
+from retrikt.retrieval import predict
 
 from .test_train_student import TASK, make_tiny_repo, run_student
 

@@ -14,7 +14,7 @@ from retrikt.distill.train import train_student
 from retrikt.index import index as index_stage
 from retrikt.io import read_jsonl, write_jsonl
 from retrikt.params import parse_params
-from retrikt.predict import predict
+from retrikt.retrieval import predict
 from retrikt.tasks import get_task
 from retrikt.tracking import StageRun
 

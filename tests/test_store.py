@@ -11,6 +11,7 @@ from retrikt import paths, store
 from retrikt.classifier import Classifier
 from retrikt.index import index as index_stage
 from retrikt.io import DataError, read_json, write_jsonl
+from retrikt.models import sha256_file
 from retrikt.tasks import get_task
 from retrikt.tracking import StageRun
 
@@ -115,8 +116,8 @@ def test_index_stage(in_tmp_repo, tiny_encoder_dir, monkeypatch, params_for_inde
     folder = store.index_dir("cb")
     index, ids, meta = store.load_index(folder)
     assert ids.tolist() == list(range(9)) and index.ntotal == 9
-    assert meta["model_sha256"] == store.sha256_file(paths.teacher("cb") / "model.safetensors")
-    assert meta["entries_sha256"] == store.sha256_file(store.entries_file("cb"))
+    assert meta["model_sha256"] == sha256_file(paths.teacher("cb") / "model.safetensors")
+    assert meta["entries_sha256"] == sha256_file(store.entries_file("cb"))
     emb = store.load_embeddings(folder)
     assert emb.shape == (9, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     assert np.allclose(emb, Classifier.load(paths.teacher("cb")).embed(entries), atol=1e-5)

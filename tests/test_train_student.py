@@ -22,7 +22,7 @@ from retrikt.distill.train import adkd, check_same_tokenizer, mgskd, teacher_can
 from retrikt.index import index as index_stage
 from retrikt.io import read_json, read_jsonl, write_jsonl
 from retrikt.params import METHODS, Params, parse_params
-from retrikt.predict import STORE_SUBDIR, load_student
+from retrikt.retrieval import STORE_SUBDIR, load_student
 from retrikt.tasks import get_task
 from retrikt.tracking import StageRun
 

@@ -109,7 +109,7 @@ def resolve_model(role: str = typer.Argument(..., help="a key of `models` in par
     """Resolve a model spec (registry package / hub id / folder) into models/base/<role>."""
 
     def run_it(p, run):
-        from retrikt.models import resolve
+        from retrikt.resolve_model import resolve
 
         out = resolve(p.model_spec(role), role)
         from retrikt.models import model_info
@@ -217,7 +217,8 @@ def predict(task: str = typer.Argument(..., help="task name, e.g. cb"),
         p = load_params(params)
         from retrikt import paths
         from retrikt.device import set_device, set_threads
-        from retrikt.predict import format_prediction, parse_cli_inputs, predict as run_predict
+        from retrikt.predict import format_prediction, parse_cli_inputs
+        from retrikt.retrieval import predict as run_predict
 
         folder = student or paths.student(task, "retrikt", p.student.layers[0], p.seeds[0])
         if not folder.exists():

@@ -21,6 +21,7 @@ import numpy as np
 from retrikt import paths, store
 from retrikt.classifier import Classifier
 from retrikt.io import read_jsonl
+from retrikt.models import sha256_file
 from retrikt.params import Params
 from retrikt.progress import bar
 from retrikt.tasks import get_task
@@ -62,7 +63,7 @@ def index(params: Params, task_name: str, run) -> dict:
 
     out_dir = store.index_dir(task.name)
     meta = {"task": task.name, **store.model_identity(teacher_dir),
-            "entries_sha256": store.sha256_file(store.entries_file(task.name))}
+            "entries_sha256": sha256_file(store.entries_file(task.name))}
     store.save_index(out_dir, idx, [e["id"] for e in entries], meta, embeddings=emb)
     log.info("indexed %d store entries (%s, dim %d) into %s", idx.ntotal, ip.type, idx.d, out_dir)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 PROCESSED = Path("data/processed")
 STORE = Path("data/store")
 MODELS = Path("models")
+BASE_MODELS = MODELS / "base"  # resolve_model's output, one folder per role
 REPORTS = Path("reports")
 METRICS = REPORTS / "metrics"
 PLOTS = REPORTS / "plots"
@@ -15,7 +16,7 @@ FIGURES = REPORTS / "figures"
 
 
 def base_model(role: str) -> Path:
-    return MODELS / "base" / role
+    return BASE_MODELS / role
 
 
 def processed(task: str) -> Path:

@@ -45,7 +45,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
 METRICS = ("accuracy", "f1", "macro_f1", "mcc")
-_INT_FIELDS = frozenset({"span1_index", "span2_index", "start1", "start2", "end1", "end2"})
+# input fields that hold integers (word indices, character offsets); every other input field is a string
+INT_FIELDS = frozenset({"span1_index", "span2_index", "start1", "start2", "end1", "end2"})
 _FIELD_LINE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_]*)\s*:(.*)$")
 _EOS = re.compile(r"</s>|<eos>|<pad>|<\|[A-Za-z_]+\|>")
 
@@ -209,7 +210,7 @@ class Task:
         for f in self.input_fields:
             if f not in ex:
                 raise ValueError(f"{self.name}: missing field '{f}'")
-            v, want = ex[f], (int if f in _INT_FIELDS else str)
+            v, want = ex[f], (int if f in INT_FIELDS else str)
             if not isinstance(v, want) or isinstance(v, bool):
                 raise ValueError(f"{self.name}: field '{f}' must be {want.__name__}, got {type(v).__name__}")
             if want is str and not v.strip():

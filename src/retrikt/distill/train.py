@@ -25,7 +25,7 @@ to 1 (:func:`retrikt.classifier.fit`, the loop the teacher uses too). Losses all
   as in the paper). Per step the student encodes the batch's queries and the *union* of their
   candidates once, with gradient. Optional ``retrieval_ce_weight`` × NLL of the aggregated
   prediction over the student's top-k of those candidates. Inference: the student's own FAISS
-  index over the store, top-k, ``Σ softmax(s/τ)·soft_label`` (:func:`retrikt.predict.retrieval_proba`).
+  index over the store, top-k, ``Σ softmax(s/τ)·soft_label`` (:func:`retrikt.retrieval.retrieval_proba`).
 
 The teacher is frozen and in eval mode, so its outputs are a function of the input alone: logits,
 MGSKD's matched hidden states and AD-KD's attributions are computed once per training example and
@@ -52,8 +52,9 @@ from retrikt.classifier import Classifier, Objective, ce_objective, fit, write_p
 from retrikt.device import to_device
 from retrikt.distill import losses as L
 from retrikt.io import DataError, atomic_dir, read_jsonl
+from retrikt.models import sha256_file
 from retrikt.params import METHODS, Params, StudentParams
-from retrikt.predict import STORE_SUBDIR, retrieval_proba
+from retrikt.retrieval import STORE_SUBDIR, retrieval_proba
 from retrikt.seeding import seed_everything
 from retrikt.tasks import get_task
 from retrikt.timing import ab_latency
@@ -245,7 +246,7 @@ def _reward_model_entry_embeddings(task: str, n_entries: int) -> np.ndarray:
     folder = store.index_dir(task)
     _, _, meta = store.load_index(folder)
     stale = {"model_sha256": store.model_identity(paths.teacher(task))["model_sha256"],
-             "entries_sha256": store.sha256_file(store.entries_file(task))}
+             "entries_sha256": sha256_file(store.entries_file(task))}
     for key, want in stale.items():
         if meta.get(key) != want:
             raise DataError(f"{folder}: built from another {key.split('_')[0]}; re-run `retrikt index {task}`")
