@@ -56,7 +56,7 @@ def build_repo(root: Path, store_size: int, teacher: Path | None = None) -> None
     rows = read_jsonl(paths.split_file("cb", "train"))  # stand-in store: timing only
     rows = sorted(rows, key=lambda r: len(teacher.tokenizer(*teacher.task.render(r))["input_ids"]))[:store_size]
     soft = teacher.predict_proba(rows).astype(np.float64)
-    write_jsonl(store.entries_file("cb"), [
+    write_jsonl(paths.store_entries("cb"), [
         {"id": i, "premise": r["premise"], "hypothesis": r["hypothesis"], "label": r["label"],
          "soft_label": (s / s.sum()).tolist(), "text": ""} for i, (r, s) in enumerate(zip(rows, soft))])
 

@@ -43,7 +43,7 @@ def real_repo(in_tmp_repo, mirror, monkeypatch, real_model):
     teacher.save(paths.teacher("cb"))
     entries = [{"premise": p, "hypothesis": h, "label": y} for p, h, y in STORE]
     soft = teacher.predict_proba(entries).astype(np.float64)
-    write_jsonl(store.entries_file("cb"), [{"id": i, **e, "soft_label": (s / s.sum()).tolist(), "text": ""}
+    write_jsonl(paths.store_entries("cb"), [{"id": i, **e, "soft_label": (s / s.sum()).tolist(), "text": ""}
                                            for i, (e, s) in enumerate(zip(entries, soft))])
     import yaml
 

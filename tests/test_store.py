@@ -91,16 +91,16 @@ def _entry(i: int, label: int, soft: list[float]) -> dict:
 
 
 def test_load_entries_checks_ids_and_soft_labels(in_tmp_repo):
-    write_jsonl(store.entries_file("cb"), [_entry(0, 0, [0.8, 0.1, 0.1]), _entry(1, 1, [0.1, 0.8, 0.1])])
+    write_jsonl(paths.store_entries("cb"), [_entry(0, 0, [0.8, 0.1, 0.1]), _entry(1, 1, [0.1, 0.8, 0.1])])
     entries = store.load_entries("cb")
     assert np.allclose(store.soft_labels(entries), [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1]])
-    write_jsonl(store.entries_file("cb"), [_entry(1, 0, [0.8, 0.1, 0.1])])
+    write_jsonl(paths.store_entries("cb"), [_entry(1, 0, [0.8, 0.1, 0.1])])
     with pytest.raises(DataError, match="expected id 0"):
         store.load_entries("cb")
-    write_jsonl(store.entries_file("cb"), [_entry(0, 0, [0.5, 0.5])])
+    write_jsonl(paths.store_entries("cb"), [_entry(0, 0, [0.5, 0.5])])
     with pytest.raises(DataError, match="3 probabilities"):
         store.load_entries("cb")
-    os.remove(store.entries_file("cb"))
+    os.remove(paths.store_entries("cb"))
     with pytest.raises(FileNotFoundError, match="generate"):
         store.load_entries("cb")
 
@@ -109,15 +109,15 @@ def test_index_stage(in_tmp_repo, tiny_encoder_dir, monkeypatch, params_for_inde
     monkeypatch.setenv("RETRIKT_MLFLOW", "0")
     Classifier.from_base(tiny_encoder_dir, get_task("cb"), max_length=32).save(paths.teacher("cb"))
     entries = [_entry(i, i % 3, [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]][i % 3]) for i in range(9)]
-    write_jsonl(store.entries_file("cb"), entries)
+    write_jsonl(paths.store_entries("cb"), entries)
     write_jsonl(paths.split_file("cb", "validation"), [{**_entry(0, 0, []), "idx": 0}, {**_entry(1, 1, []), "idx": 1}])
     with StageRun("index", metrics_path=paths.metrics("cb", "index"), task="cb") as run:
         metrics = index_stage(params_for_index, "cb", run)
-    folder = store.index_dir("cb")
+    folder = paths.index("cb")
     index, ids, meta = store.load_index(folder)
     assert ids.tolist() == list(range(9)) and index.ntotal == 9
     assert meta["model_sha256"] == sha256_file(paths.teacher("cb") / "model.safetensors")
-    assert meta["entries_sha256"] == sha256_file(store.entries_file("cb"))
+    assert meta["entries_sha256"] == sha256_file(paths.store_entries("cb"))
     emb = store.load_embeddings(folder)
     assert emb.shape == (9, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     assert np.allclose(emb, Classifier.load(paths.teacher("cb")).embed(entries), atol=1e-5)

@@ -8,7 +8,8 @@ import pytest
 
 from retrikt.io import read_json
 from retrikt.paths import main_repo_root
-from retrikt.tracking import StageRun, timings_path
+from retrikt.paths import timings as timings_path
+from retrikt.tracking import StageRun
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ def make_tiny_repo(encoder_dir: Path, n_train: int = 60, n_val: int = 30, n_stor
 
     entries = [{k: r[k] for k in ("premise", "hypothesis", "label")} for r in keyword_rows(n_store, rng)]
     soft = teacher.predict_proba(entries)
-    write_jsonl(store.entries_file(TASK), [
+    write_jsonl(paths.store_entries(TASK), [
         {"id": i, **e, "soft_label": [float(p) for p in s / s.sum()], "text": ""}
         for i, (e, s) in enumerate(zip(entries, soft.astype(np.float64)))])
 
@@ -221,7 +221,7 @@ def test_same_seed_same_metrics(repo, method):
 
 
 def test_stale_index_is_refused(repo, tmp_path):
-    entries = store.entries_file(TASK)
+    entries = paths.store_entries(TASK)
     original = entries.read_bytes()
     try:
         entries.write_bytes(original.replace(b'"text": ""', b'"text": "x"'))

@@ -118,7 +118,7 @@ def resolve_model(role: str = typer.Argument(..., help="a key of `models` in par
 
     from retrikt import paths
 
-    _stage("resolve_model", run_it, params, metrics=paths.METRICS / "models" / f"{role}.json", variant=role)
+    _stage("resolve_model", run_it, params, metrics=paths.model_metrics(role), variant=role)
 
 
 @app.command()

@@ -49,9 +49,7 @@ from retrikt.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
-RESULTS_JSON = paths.REPORTS / "results.json"
-RESULTS_MD = paths.REPORTS / "results.md"
-METRICS_JSON = paths.REPORTS / "metrics.json"
+RESULTS_JSON, RESULTS_MD, METRICS_JSON = paths.RESULTS_JSON, paths.RESULTS_MD, paths.HEADLINE_METRICS
 PROPOSED = "retrikt"
 STORE_KD = "retrikt_kd"
 RETRIEVE_AT_SERVING = ("retrikt",)  # methods that read the store at inference (RetriKT-KD only trains on it)
@@ -198,7 +196,7 @@ def serving_costs(rows: Mapping[str, Any], primary: str) -> list[dict[str, Any]]
 # --------------------------------------------------------------------------------------- figures --- #
 def _task_figures(params: Params, loaded: _Loaded) -> list[str]:
     reader, report, task = loaded.reader, loaded.report, loaded.reader.task
-    folder = paths.FIGURES / task.name
+    folder = paths.figures(task.name)
     methods = [m for m in METHODS if m in params.student.methods]
     curves = {size: {m: [r for r in (reader.curve(f"student_curve-{m}-{size}-s{s}") for s in params.seeds)
                          if r is not None] for m in methods} for size in report["students"]}

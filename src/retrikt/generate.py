@@ -287,7 +287,7 @@ def generate(params: Params, task_name: str, run) -> dict:
     metrics = {k: v for k, v in metrics.items() if v is not None}
     out = paths.store(task.name)
     with atomic_dir(out) as tmp:
-        write_jsonl(tmp / "entries.jsonl", entries)
+        write_jsonl(tmp / paths.ENTRIES_FILE, entries)
         atomic_write_json(tmp / "stats.json", metrics)
         atomic_write_text(tmp / "preview.md", _preview(task, entries))
     run.log_artifact(out / "preview.md")

@@ -61,9 +61,9 @@ def index(params: Params, task_name: str, run) -> dict:
         b.update(len(entries))
     build_seconds = time.perf_counter() - t0
 
-    out_dir = store.index_dir(task.name)
+    out_dir = paths.index(task.name)
     meta = {"task": task.name, **store.model_identity(teacher_dir),
-            "entries_sha256": sha256_file(store.entries_file(task.name))}
+            "entries_sha256": sha256_file(paths.store_entries(task.name))}
     store.save_index(out_dir, idx, [e["id"] for e in entries], meta, embeddings=emb)
     log.info("indexed %d store entries (%s, dim %d) into %s", idx.ntotal, ip.type, idx.d, out_dir)
 

@@ -11,13 +11,11 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from retrikt import paths
 from retrikt.io import read_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-META_FILE = "retrikt_model.json"
-
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -29,7 +27,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def model_info(folder: str | Path) -> dict:
     """The ``retrikt_model.json`` written by :func:`retrikt.resolve_model.resolve` (or {} for other folders)."""
-    meta = Path(folder) / META_FILE
+    meta = Path(folder) / paths.MODEL_META
     return read_json(meta) if meta.exists() else {}
 
 

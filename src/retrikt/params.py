@@ -369,12 +369,12 @@ def check_against_models(p: Params) -> None:
     runs it in check-params and at every stage's start, before any compute."""
     import json
 
-    from retrikt.paths import base_model
+    from retrikt.paths import MODEL_META, base_model
 
     config = base_model("encoder") / "config.json"
     try:
         cfg = json.loads(config.read_text(encoding="utf-8"))
-        made = json.loads((config.parent / "retrikt_model.json").read_text(encoding="utf-8"))
+        made = json.loads((config.parent / MODEL_META).read_text(encoding="utf-8"))
     except (OSError, ValueError):  # not resolved yet, or broken: resolve_model / the stage says so
         return
     spec = p.models.encoder

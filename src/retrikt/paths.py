@@ -7,12 +7,19 @@ from pathlib import Path
 
 PROCESSED = Path("data/processed")
 STORE = Path("data/store")
+INDEX = Path("data/index")
 MODELS = Path("models")
 BASE_MODELS = MODELS / "base"  # resolve_model's output, one folder per role
 REPORTS = Path("reports")
 METRICS = REPORTS / "metrics"
 PLOTS = REPORTS / "plots"
 FIGURES = REPORTS / "figures"
+TIMINGS = REPORTS / "timings"  # wall-clock costs, parallel to METRICS (machine-dependent, not compared)
+RESULTS_JSON = REPORTS / "results.json"
+RESULTS_MD = REPORTS / "results.md"
+HEADLINE_METRICS = REPORTS / "metrics.json"  # the one file dvc.yaml declares as metrics
+ENTRIES_FILE = "entries.jsonl"  # a store's entries, in data/store/<task>/ and in a retrikt student's store/
+MODEL_META = "retrikt_model.json"  # in models/base/<role>/: where the model came from
 
 
 def base_model(role: str) -> Path:
@@ -48,6 +55,15 @@ def store(task: str) -> Path:
     return STORE / task
 
 
+def store_entries(task: str) -> Path:
+    return store(task) / ENTRIES_FILE
+
+
+def index(task: str) -> Path:
+    """The index stage's output folder (next to, not inside, the generate stage's ``data/store/<task>``)."""
+    return INDEX / task
+
+
 def student(task: str, method: str, layers: int, seed: int) -> Path:
     return MODELS / task / "students" / f"{method}-L{layers}-s{seed}"
 
@@ -58,6 +74,26 @@ def metrics(task: str, stage: str) -> Path:
 
 def student_metrics(task: str, method: str, layers: int, seed: int) -> Path:
     return METRICS / task / "students" / f"{method}-L{layers}-s{seed}.json"
+
+
+def model_metrics(role: str) -> Path:
+    """The resolve_model stage's metrics of the base model ``role``."""
+    return METRICS / "models" / f"{role}.json"
+
+
+def timings(metrics_path: str | os.PathLike) -> Path:
+    """``reports/metrics/x/y.json`` -> ``reports/timings/x/y.json`` (elsewhere: ``y.timings.json``)."""
+    p = Path(metrics_path)
+    parts = list(p.parts)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == METRICS.name and i > 0 and parts[i - 1] == REPORTS.name:
+            parts[i] = TIMINGS.name
+            return Path(*parts)
+    return p.with_name(p.stem + ".timings.json")
+
+
+def figures(task: str) -> Path:
+    return FIGURES / task
 
 
 def plot(task: str, name: str) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 from retrikt import paths
 from retrikt.errors import ModelResolutionError
 from retrikt.io import atomic_dir, atomic_write_json
-from retrikt.models import META_FILE, sha256_file
+from retrikt.models import sha256_file
 from retrikt.params import ModelSpec
 from retrikt.paths import user_path
 
@@ -128,7 +128,7 @@ def resolve(spec: ModelSpec, role: str, out_root: Path = paths.BASE_MODELS) -> P
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         n_params = sum(p.numel() for p in model.parameters())
-        atomic_write_json(tmp / META_FILE, {"role": role, "name": spec.name, "source": spec.source,
+        atomic_write_json(tmp / paths.MODEL_META, {"role": role, "name": spec.name, "source": spec.source,
                                             "origin": origin, "class": type(model).__name__,
                                             "parameters": n_params})
     log.info("resolved %s (%s, %.1fM parameters) into %s", spec.name, type(model).__name__, n_params / 1e6, out)

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from retrikt import store
+from retrikt import paths, store
 from retrikt.classifier import META, Classifier
 from retrikt.io import DataError, MissingInputError, read_json, read_jsonl
 from retrikt.tasks import Task, get_task
@@ -76,7 +76,7 @@ def load_student(folder: str | Path) -> Student:
     if meta.get("method") != "retrikt":
         return Student(clf, meta)
     index, ids, _ = store.load_index(folder / STORE_SUBDIR)
-    entries = read_jsonl(folder / STORE_SUBDIR / "entries.jsonl")
+    entries = read_jsonl(folder / STORE_SUBDIR / paths.ENTRIES_FILE)
     if sorted(e.get("id") for e in entries if isinstance(e.get("id"), int)) != list(range(len(entries))) \
             or not set(ids.tolist()) <= set(range(len(entries))):
         raise DataError(f"{folder / STORE_SUBDIR}: the index ids do not match the entries' ids 0..{len(entries) - 1}")

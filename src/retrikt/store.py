@@ -31,15 +31,6 @@ INDEX_KINDS = ("flat", "ivf", "hnsw")
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS warns that k-means is under-trained
 
 
-def entries_file(task: str) -> Path:
-    return paths.store(task) / "entries.jsonl"
-
-
-def index_dir(task: str) -> Path:
-    """The index stage's output folder (next to, not inside, the generate stage's ``data/store/<task>``)."""
-    return paths.STORE.parent / "index" / task
-
-
 def model_identity(folder: str | Path) -> dict:
     """Which classifier embedded the entries: its folder and the sha256 of ``model.safetensors``."""
     return {"model": str(folder), "model_sha256": sha256_file(Path(folder) / "model.safetensors")}
@@ -49,7 +40,7 @@ def load_entries(task: str, path: str | Path | None = None) -> list[dict]:
     """Store entries in id order; checks ids are ``0..N-1`` and soft labels are ``C`` probabilities."""
     from retrikt.tasks import get_task
 
-    path = Path(path) if path is not None else entries_file(task)
+    path = Path(path) if path is not None else paths.store_entries(task)
     if not path.exists():
         raise MissingInputError(f"{path}: no store entries (run the generate stage first)")
     rows = read_jsonl(path)

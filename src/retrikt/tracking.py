@@ -32,7 +32,7 @@ from typing import Any
 
 from retrikt.errors import TrackingError
 from retrikt.io import atomic_write_json
-from retrikt.paths import main_repo_root
+from retrikt.paths import main_repo_root, timings as timings_path
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "retrikt"
@@ -50,17 +50,6 @@ TELEMETRY_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "GIT_PYTHON_REFRESH": "quiet",
 }
-
-
-def timings_path(metrics_path: str | os.PathLike) -> Path:
-    """``reports/metrics/x/y.json`` -> ``reports/timings/x/y.json`` (elsewhere: ``y.timings.json``)."""
-    p = Path(metrics_path)
-    parts = list(p.parts)
-    for i in range(len(parts) - 1, -1, -1):
-        if parts[i] == "metrics" and i > 0 and parts[i - 1] == "reports":
-            parts[i] = "timings"
-            return Path(*parts)
-    return p.with_name(p.stem + ".timings.json")
 
 
 def disable_telemetry() -> None:

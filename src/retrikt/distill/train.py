@@ -243,10 +243,10 @@ def _identical_entries(task, train: Sequence[dict], entries: Sequence[dict]) -> 
 
 def _reward_model_entry_embeddings(task: str, n_entries: int) -> np.ndarray:
     """The index stage's reward-model embeddings of the store, checked against the teacher and store."""
-    folder = store.index_dir(task)
+    folder = paths.index(task)
     _, _, meta = store.load_index(folder)
     stale = {"model_sha256": store.model_identity(paths.teacher(task))["model_sha256"],
-             "entries_sha256": sha256_file(store.entries_file(task))}
+             "entries_sha256": sha256_file(paths.store_entries(task))}
     for key, want in stale.items():
         if meta.get(key) != want:
             raise DataError(f"{folder}: built from another {key.split('_')[0]}; re-run `retrikt index {task}`")
@@ -393,7 +393,7 @@ def train_student(params: Params, task_name: str, run, *, method: str, layers: i
             index = retrieval.index  # built from the final student by the last epoch's validation
             meta = {"task": task.name, "embedded_by": "student", "method": method}
             store.save_index(tmp / STORE_SUBDIR, index, [e["id"] for e in entries], meta)
-            shutil.copyfile(store.entries_file(task.name), tmp / STORE_SUBDIR / "entries.jsonl")
+            shutil.copyfile(paths.store_entries(task.name), tmp / STORE_SUBDIR / paths.ENTRIES_FILE)
 
     if retrieval is not None:
         proba = retrieval.predict(validation, retrieval.index)
@@ -410,7 +410,7 @@ def train_student(params: Params, task_name: str, run, *, method: str, layers: i
     if method == "retrikt":
         store_bytes = store.dir_bytes(folder / STORE_SUBDIR)  # the student's index + its copy of entries.jsonl
     elif method == "retrikt_kd":
-        store_bytes = store.entries_file(task.name).stat().st_size
+        store_bytes = paths.store_entries(task.name).stat().st_size
     out = {**metrics, "parameters": sum(p.numel() for p in student.model.parameters()),
            "model_bytes": (folder / "model.safetensors").stat().st_size, "store_bytes": store_bytes}
     timings = {"train_seconds": train_seconds, "setup_seconds": setup_seconds,

@@ -20,7 +20,6 @@ from retrikt import paths
 from retrikt.io import DataError, MissingInputError, read_json, read_jsonl
 from retrikt.report.stats import is_number
 from retrikt.tasks import Task
-from retrikt.tracking import timings_path
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -104,7 +103,7 @@ class TaskReader:
             return None
         if not isinstance(obj, dict):
             raise DataError(f"{path}: expected a JSON object")
-        timings = timings_path(path)  # wall-clock costs live in the parallel reports/timings/ tree
+        timings = paths.timings(path)  # wall-clock costs live in the parallel reports/timings/ tree
         if timings.exists():
             obj = {**read_json(timings), **obj}
         for key in self.task.metrics:
@@ -156,7 +155,7 @@ class TaskReader:
         """The knowledge store (``data/store/<task>/entries.jsonl``), checked by :func:`store.load_entries`."""
         from retrikt import store
 
-        path = store.entries_file(self.task.name)
+        path = paths.store_entries(self.task.name)
         return None if self._absent(path) else store.load_entries(self.task.name, path)
 
     def retrieval(self, folder: Path, inputs: Sequence[dict], k: int) -> list[dict] | None:
