@@ -14,7 +14,8 @@ import torch
 
 import retrikt.generate as gen_mod
 from retrikt import paths
-from retrikt.generate import GenerationError, dedupe, draw_labels, generate, jaccard, label_prior, word_ngrams
+from retrikt.generate import GenerationError, dedupe, generate, jaccard, word_ngrams
+from retrikt.generator import draw_labels, label_prior
 from retrikt.generator import Samples, attach_prompt, source_text, target_text
 from retrikt.io import read_json, read_jsonl, write_jsonl
 from retrikt.models import load_generator
@@ -56,10 +57,10 @@ def test_dedupe_exact_near_and_keeps_first():
 
 
 def test_draw_labels_balanced_and_prior():
-    bal = draw_labels(11, 3, True, [0.9, 0.1, 0.0], seed=0)
+    bal = draw_labels(np.random.default_rng(0), 11, 3, "balanced", [0.9, 0.1, 0.0])
     assert Counter(bal) == {0: 4, 1: 4, 2: 3}  # remainder to the first labels
-    assert bal == draw_labels(11, 3, True, [0.9, 0.1, 0.0], seed=0) and bal != sorted(bal)
-    prior = draw_labels(2000, 3, False, [0.7, 0.3, 0.0], seed=1)
+    assert bal == draw_labels(np.random.default_rng(0), 11, 3, "balanced", [0.9, 0.1, 0.0]) and bal != sorted(bal)
+    prior = draw_labels(np.random.default_rng(1), 2000, 3, "prior", [0.7, 0.3, 0.0])
     counts = Counter(prior)
     assert counts[2] == 0 and abs(counts[0] / 2000 - 0.7) < 0.04
     assert label_prior([{"label": 0}, {"label": 0}, {"label": 2}, {"label": 0}], 3) == [0.75, 0.0, 0.25]

@@ -41,11 +41,12 @@ from retrikt import paths
 from retrikt.io import atomic_write_json, atomic_write_text
 from retrikt.params import BASELINES, METHODS, Params
 from retrikt.report import figures as F
-from retrikt.report.inputs import Predictions, TaskReader, clean, flatten
+from retrikt.report.inputs import Predictions, TaskReader, clean
 from retrikt.report.markdown import render_markdown
 from retrikt.report.stats import (best_baseline, gap_closed, is_number, majority_class, mean_std, paired_bootstrap,
                                   ppo_before_after)
 from retrikt.tasks import Task, get_task
+from retrikt.tracking import flatten
 
 log = logging.getLogger(__name__)
 

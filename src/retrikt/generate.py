@@ -46,13 +46,13 @@ import numpy as np
 
 from retrikt import paths
 from retrikt.classifier import Classifier
-from retrikt.generator import length_budget, load_tokenizer, load_with_prompt, sample_full, source_text, target_lengths
+from retrikt.generator import draw_labels, label_prior, length_budget, load_tokenizer, load_with_prompt, sample_full, source_text, target_lengths
 from retrikt.io import DataError, MissingInputError, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 from retrikt.params import Params
 from retrikt.progress import bar
 from retrikt.rl.rewards import corpus_self_bleu
 from retrikt.sampling import field_name_tokens
-from retrikt.tasks import PARSE_FAILURES, Task, get_task
+from retrikt.tasks import PARSE_FAILURES, Task, get_task, normalise_ws
 
 log = logging.getLogger(__name__)
 SELF_BLEU_MAX = 200  # self-BLEU is O(n^2): computed on a seeded sample of at most this many entries
@@ -66,7 +66,7 @@ class GenerationError(DataError):
 # ------------------------------------------------------------------------------ pure helpers
 def normalise(text: str) -> str:
     """Lower-cased text with every whitespace run collapsed to one space (the comparison key)."""
-    return " ".join(text.lower().split())
+    return normalise_ws(text.lower())
 
 
 def word_ngrams(text: str, n: int = 3) -> set[tuple[str, ...]]:
@@ -109,21 +109,6 @@ def dedupe(texts: Sequence[str], threshold: float, n: int = 3) -> tuple[list[int
         seen.add(key)
         grams_of.append(grams)
     return kept, exact, near
-
-
-def draw_labels(n: int, num_labels: int, balance: bool, prior: Sequence[float], seed: int) -> list[int]:
-    """``n`` conditioning labels: balanced (remainder to the first labels) or from ``prior``; shuffled."""
-    rng = np.random.default_rng(seed)
-    if balance:
-        labels = [lab for lab in range(num_labels) for _ in range(n // num_labels + (lab < n % num_labels))]
-        return [int(x) for x in rng.permutation(labels)]
-    p = np.asarray(prior, dtype=float)
-    return [int(x) for x in rng.choice(num_labels, size=n, p=p / p.sum())]
-
-
-def label_prior(rows: Sequence[dict], num_labels: int) -> list[float]:
-    counts = Counter(r["label"] for r in rows)
-    return [counts[lab] / max(1, len(rows)) for lab in range(num_labels)]
 
 
 def clean_examples(task: Task, examples: Sequence[dict], train: Sequence[dict], validation: Sequence[dict],
@@ -189,8 +174,8 @@ def _sample_llm(params: Params, task: Task, train: list[dict]) -> tuple[list[tup
     forced = gp.force_field_names and field_name_tokens(tok, task.line_names) is not None
     if gp.force_field_names and not forced:
         log.warning("generate: this tokenizer merges line breaks with text: field names are not forced")
-    labels = draw_labels(gp.num_samples, task.num_labels, gp.balance, label_prior(train, task.num_labels),
-                         params.seed)
+    labels = draw_labels(np.random.default_rng(params.seed), gp.num_samples, task.num_labels,
+                         "balanced" if gp.balance else "prior", label_prior(train, task.num_labels))
     log.info("generate: %d samples from %s (max_new_tokens %d, %s)", len(labels), adapter, budget, gp.dtype)
     t0 = time.time()
     with bar(total=len(labels), desc=f"generate {task.name}: sampling", unit="sample") as b:

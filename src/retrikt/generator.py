@@ -22,10 +22,12 @@ numbers the virtual tokens ``0..V-1`` and the text from ``V`` on too, with no pa
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from peft import PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
@@ -43,6 +45,31 @@ LENGTH_MARGIN = 1.1
 def source_text(task: Task, label: int) -> str:
     """The generator input for a label: the task's conditioning text (ends with a newline)."""
     return task.condition(label)
+
+
+def label_prior(rows: Sequence[dict], num_labels: int) -> list[float]:
+    """The share of each label among ``rows``."""
+    counts = Counter(r["label"] for r in rows)
+    return [counts[lab] / max(1, len(rows)) for lab in range(num_labels)]
+
+
+LABEL_DRAWS = ("balanced", "uniform", "prior")
+
+
+def draw_labels(rng: np.random.Generator, n: int, num_labels: int, how: str,
+                prior: Sequence[float] | None = None) -> list[int]:
+    """``n`` conditioning labels from ``rng``: ``balanced`` (equal counts, the remainder to the first
+    labels, shuffled), or drawn i.i.d. ``uniform`` or from ``prior`` (normalised here)."""
+    if how == "balanced":
+        labels = [lab for lab in range(num_labels) for _ in range(n // num_labels + (lab < n % num_labels))]
+        return [int(x) for x in rng.permutation(labels)]
+    if how not in LABEL_DRAWS:
+        raise ValueError(f"unknown label draw {how!r}; expected one of {', '.join(LABEL_DRAWS)}")
+    p = None
+    if how == "prior":
+        p = np.asarray(prior, dtype=float)
+        p = p / p.sum()
+    return [int(x) for x in rng.choice(num_labels, size=n, p=p)]
 
 
 def target_text(task: Task, ex: Mapping[str, Any]) -> str:

@@ -18,8 +18,8 @@ from typing import Any, Iterable, Iterator
 
 from retrikt.errors import DataError, MissingInputError
 
-__all__ = ["DataError", "MissingInputError", "atomic_dir", "atomic_write_json", "atomic_write_text", "read_json",
-           "read_jsonl", "read_jsonl_numbered", "write_jsonl"]
+__all__ = ["DataError", "MissingInputError", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
+           "read_json", "read_jsonl", "read_jsonl_numbered", "write_jsonl"]
 
 
 def _clear_stale(path: Path) -> None:
@@ -42,12 +42,17 @@ def _tmp_sibling(path: Path, suffix: str = "") -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (parents are created)."""
+    """Write ``text`` to ``path`` atomically, UTF-8 (parents are created)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (parents are created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary files
         os.replace(tmp, path)
     finally:

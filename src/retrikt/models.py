@@ -82,4 +82,6 @@ def build_student(encoder_dir: str | Path, num_layers: int, num_labels: int):
 
 
 def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of a module, or of an iterable of tensors (e.g. the trainable ones)."""
+    params = model.parameters() if hasattr(model, "parameters") else model
+    return sum(p.numel() for p in params)

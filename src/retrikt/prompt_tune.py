@@ -26,7 +26,7 @@ from retrikt import paths
 from retrikt.classifier import batches
 from retrikt.generator import attach_prompt, nll, source_text, target_text, token_nll, tokenize_for_training
 from retrikt.io import DataError, atomic_dir, atomic_write_json, read_jsonl
-from retrikt.models import is_seq2seq, load_generator, model_info
+from retrikt.models import count_parameters, is_seq2seq, load_generator, model_info
 from retrikt.params import Params
 from retrikt.progress import bar
 from retrikt.tasks import get_task
@@ -54,7 +54,7 @@ def prompt_tune(params: Params, task_name: str, run) -> dict:
     model = attach_prompt(model, pp.num_virtual_tokens, pp.init, pp.init_text, gen_dir).eval()
     model.prompt_encoder.float()  # ... the prompt itself trains (and is saved) in float32
     trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
+    n_trainable = count_parameters(trainable)
     opt = torch.optim.AdamW(trainable, lr=pp.lr)
 
     def texts(rs: list[dict]) -> tuple[list[str], list[str]]:

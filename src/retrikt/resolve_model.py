@@ -19,7 +19,7 @@ from pathlib import Path
 from retrikt import paths
 from retrikt.errors import ModelResolutionError
 from retrikt.io import atomic_dir, atomic_write_json
-from retrikt.models import sha256_file
+from retrikt.models import count_parameters, sha256_file
 from retrikt.params import ModelSpec
 from retrikt.paths import user_path
 
@@ -127,7 +127,7 @@ def resolve(spec: ModelSpec, role: str, out_root: Path = paths.BASE_MODELS) -> P
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = count_parameters(model)
         atomic_write_json(tmp / paths.MODEL_META, {"role": role, "name": spec.name, "source": spec.source,
                                             "origin": origin, "class": type(model).__name__,
                                             "parameters": n_params})

@@ -11,6 +11,7 @@ from __future__ import annotations
 from retrikt import paths
 from retrikt.classifier import Classifier, evaluate, train_classifier, write_predictions
 from retrikt.io import read_jsonl
+from retrikt.models import count_parameters
 from retrikt.params import Params
 from retrikt.tasks import get_task
 
@@ -27,7 +28,6 @@ def teacher(params: Params, task_name: str, run) -> dict:
     metrics, proba = evaluate(clf, validation)
     clf.save(paths.teacher(task.name), extra={"base": tp.model})
     write_predictions(task.name, "teacher", validation, proba)
-    n_params = sum(p.numel() for p in clf.model.parameters())
-    out = {**metrics, "parameters": n_params}
+    out = {**metrics, "parameters": count_parameters(clf.model)}
     run.set_metrics(out)
     return out

@@ -28,7 +28,7 @@ import subprocess
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from retrikt.errors import TrackingError
 from retrikt.io import atomic_write_json
@@ -148,14 +148,14 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
         return "unknown"
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (the key names MLflow and the report show)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
-            out[key] = v
+            out[f"{prefix}{k}"] = v
     return out
 
 
@@ -256,7 +256,7 @@ class StageRun:
             name = "/".join(str(x) for x in (self.stage, self.task, self.tags.get("variant")) if x)
             run = client.create_run(exp_id, run_name=name, tags=tags)
             self._mlflow, self._client, self.run_id = mlflow, client, run.info.run_id
-            flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in _flatten(self.params).items()}
+            flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(self.params).items()}
             for i in range(0, len(flat), 100):
                 chunk = dict(list(flat.items())[i:i + 100])
                 self._ml(self._client.log_batch, self.run_id,
@@ -280,7 +280,7 @@ class StageRun:
             raw = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")) or {}
         except (OSError, ValueError):
             raw = {}
-        flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in _flatten(raw).items()}
+        flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(raw).items()}
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
@@ -303,7 +303,7 @@ class StageRun:
         import time
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step or 0) for k, v in _flatten(metrics).items()
+        items = [Metric(k, float(v), ts, step or 0) for k, v in flatten(metrics).items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         self._ml(self._client.log_batch, self.run_id, metrics=items)
 
@@ -340,7 +340,7 @@ class StageRun:
         from mlflow.entities import Metric, RunTag
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, 0) for k, v in _flatten(metrics).items()
+        items = [Metric(k, float(v), ts, 0) for k, v in flatten(metrics).items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         if description:

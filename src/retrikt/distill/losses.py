@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from retrikt.classifier import mean_pool
+
 __all__ = [
     "LossOutput", "kd_loss", "kd_ce_loss", "annealed_temperature",
     "similarity_distribution", "retrieval_kl_loss", "retrieval_aggregate", "retrieval_predict",
@@ -201,11 +203,6 @@ def mgskd_token_loss(s_hidden: Tensor, t_hidden: Tensor, mask: Tensor, *, n_head
     return pair + triplet
 
 
-def _mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
-    m = mask[..., None].to(hidden)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
-
-
 def _sample_angles(pooled: Tensor, n_heads: int) -> Tensor:
     """``cos∠(x_j, x_i, x_k)`` over all sample triplets per head: ``[n_heads, B, B, B]``."""
     x = _split_heads(pooled[None], n_heads)[0]  # [n_heads, B, d]
@@ -221,8 +218,8 @@ def mgskd_sample_loss(s_hidden: Tensor, t_hidden: Tensor, mask: Tensor, *,
     over the batch (``B³`` per head, degenerate ones are 0 on both sides) and take the mean
     smooth-L1 between student and teacher angles. The teacher side is detached.
     """
-    t_ang = _sample_angles(_mean_pool(t_hidden.detach(), mask), n_heads)
-    s_ang = _sample_angles(_mean_pool(s_hidden, mask), n_heads)
+    t_ang = _sample_angles(mean_pool(t_hidden.detach(), mask), n_heads)
+    s_ang = _sample_angles(mean_pool(s_hidden, mask), n_heads)
     return F.smooth_l1_loss(s_ang, t_ang, reduction="mean")
 
 

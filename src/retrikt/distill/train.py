@@ -52,7 +52,7 @@ from retrikt.classifier import Classifier, Objective, ce_objective, fit, write_p
 from retrikt.device import to_device
 from retrikt.distill import losses as L
 from retrikt.io import DataError, atomic_dir, read_jsonl
-from retrikt.models import sha256_file
+from retrikt.models import count_parameters, sha256_file
 from retrikt.params import METHODS, Params, StudentParams
 from retrikt.retrieval import STORE_SUBDIR, retrieval_proba
 from retrikt.seeding import seed_everything
@@ -411,7 +411,7 @@ def train_student(params: Params, task_name: str, run, *, method: str, layers: i
         store_bytes = store.dir_bytes(folder / STORE_SUBDIR)  # the student's index + its copy of entries.jsonl
     elif method == "retrikt_kd":
         store_bytes = paths.store_entries(task.name).stat().st_size
-    out = {**metrics, "parameters": sum(p.numel() for p in student.model.parameters()),
+    out = {**metrics, "parameters": count_parameters(student.model),
            "model_bytes": (folder / "model.safetensors").stat().st_size, "store_bytes": store_bytes}
     timings = {"train_seconds": train_seconds, "setup_seconds": setup_seconds,
                "epoch_seconds": (train_seconds - setup_seconds) / sp.epochs,

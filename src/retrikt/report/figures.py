@@ -6,14 +6,13 @@ figure, or None when it has nothing to draw; :func:`save_png` writes one atomica
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from retrikt.io import atomic_write_bytes
 from retrikt.params import METHODS
 from retrikt.report.inputs import Predictions
 from retrikt.report.stats import is_number
@@ -38,19 +37,10 @@ def new_figure(width: float, height: float, *, left: float = 0.7, right: float =
 
 
 def save_png(fig: Any, path: Path) -> Path:
-    """Write ``fig`` as a deterministic PNG to ``path`` atomically (temporary sibling + os.replace)."""
+    """Write ``fig`` as a deterministic PNG to ``path`` atomically (:func:`retrikt.io.atomic_write_bytes`)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=PNG_DPI, metadata={"Software": None})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def color(model: str) -> Any:

@@ -22,17 +22,6 @@ from retrikt.report.stats import is_number
 from retrikt.tasks import Task
 
 
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def clean(obj: Any) -> Any:
     """JSON-ready copy: numpy scalars to Python, floats rounded to 6 decimals, NaN/inf to None."""
     if isinstance(obj, Mapping):

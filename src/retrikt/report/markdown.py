@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from retrikt import paths
-from retrikt.report.inputs import flatten
+from retrikt.tracking import flatten
 from retrikt.report.stats import is_number
 
 LATENCY_NOTE = (

@@ -113,7 +113,7 @@ def gap_closed(student: float | None, teacher: float | None, finetune: float | N
 
 def ppo_before_after(ppo: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """Pair up PPO metrics written as ``before_x``/``x_before``/``before.x`` (and the same for after)."""
-    from retrikt.report.inputs import flatten
+    from retrikt.tracking import flatten
 
     out: dict[str, dict[str, float]] = {"before": {}, "after": {}}
     for key, value in flatten(ppo).items():

@@ -29,7 +29,7 @@ import torch
 
 from retrikt import paths
 from retrikt.classifier import Classifier
-from retrikt.generator import length_budget, load_with_prompt, sample_full, source_text
+from retrikt.generator import draw_labels, label_prior, length_budget, load_with_prompt, sample_full, source_text
 from retrikt.io import atomic_dir, atomic_write_json, read_jsonl
 from retrikt.params import Params
 from retrikt.progress import bar
@@ -42,12 +42,10 @@ ADAPTER_FILE = "adapter_config.json"
 
 def label_sampler(task: Task, train: Sequence[dict], how: str, seed: int):
     """``draw(n) -> list of conditioning texts``: labels uniform or from the train prior, seeded."""
-    rng = np.random.default_rng(seed)
-    counts = np.bincount([r["label"] for r in train], minlength=task.num_labels).astype(float)
-    p = None if how == "uniform" else counts / counts.sum()
+    rng, prior = np.random.default_rng(seed), label_prior(train, task.num_labels)
 
     def draw(n: int) -> list[str]:
-        return [source_text(task, int(y)) for y in rng.choice(task.num_labels, size=n, p=p)]
+        return [source_text(task, y) for y in draw_labels(rng, n, task.num_labels, how, prior)]
 
     return draw
 
