@@ -92,12 +92,6 @@ def test_kd_gradients_reach_student_only():
     assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
 
 
-def test_annealed_temperature():
-    assert L.annealed_temperature(4.0, 0, 4) == 4.0
-    assert L.annealed_temperature(4.0, 3, 4) == 1.0
-    assert math.isclose(L.annealed_temperature(4.0, 1, 4), 3.0)
-
-
 # -------------------------------------------------------------------------------- RetriKT #
 
 CANDS = [[2.0, 0.0], [0.0, 3.0], [-5.0, 0.0]]  # cos with [1, 0]: 1, 0, -1; with [0, 1]: 0, 1, 0

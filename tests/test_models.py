@@ -6,11 +6,20 @@ import pytest
 import yaml
 
 from retrikt.errors import ModelResolutionError
-from retrikt.models import build_student, count_parameters, is_seq2seq, load_generator, model_info
-from retrikt.resolve_model import registry_path, resolve
+from retrikt.models import count_parameters, is_seq2seq, load_generator, model_info, truncate_encoder
 from retrikt.params import ModelSpec
+from retrikt.resolve_model import registry_path, resolve
 
 from .conftest import REPO
+
+
+def build_student(encoder_dir, num_layers: int, num_labels: int):
+    """A sequence classifier of the encoder's embeddings and first ``num_layers`` layers (what
+    ``Classifier.from_base(..., num_layers=)`` builds, without the task binding)."""
+    import transformers as tf
+
+    model = tf.AutoModelForSequenceClassification.from_pretrained(encoder_dir, num_labels=num_labels, dtype="float32")
+    return truncate_encoder(model, num_layers)
 
 
 def test_resolve_local_encoder_and_generator(tiny_encoder_dir, tiny_causal_dir, tmp_path):

@@ -283,3 +283,6 @@ def test_cached_teacher_passes_equal_live_ones(repo):
     want = L.adkd_loss(s_logits, t_logits.detach(), y, a_s, a_t, mask, alpha=sp.kd_alpha,
                        temperature=sp.kd_temperature, beta=sp.adkd_beta).total
     assert torch.isclose(got, want, rtol=1e-4, atol=1e-5)
+    assert student.model.bert.embeddings._forward_hooks  # the objective reads the student's embeddings ...
+    objective.release()  # ... until training is over
+    assert not student.model.bert.embeddings._forward_hooks and not teacher.model.bert.embeddings._forward_hooks

@@ -229,6 +229,7 @@ class Objective:
     n_items: int
     loss: Callable[[list[int]], torch.Tensor]
     predict: Callable[[Sequence[dict]], np.ndarray]
+    release: Callable[[], None] = lambda: None  # undoes what the method attached to the student (a hook)
 
 
 def write_predictions(task: str, name: str, rows: list[dict], proba) -> None:

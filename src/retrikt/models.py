@@ -72,15 +72,6 @@ def truncate_encoder(model: "torch.nn.Module", num_layers: int) -> "torch.nn.Mod
     return model
 
 
-def build_student(encoder_dir: str | Path, num_layers: int, num_labels: int):
-    """A sequence classifier made of the encoder's embeddings and first ``num_layers`` layers."""
-    import transformers as tf
-
-    model = tf.AutoModelForSequenceClassification.from_pretrained(
-        encoder_dir, num_labels=num_labels, dtype="float32")
-    return truncate_encoder(model, num_layers)
-
-
 def count_parameters(model) -> int:
     """Parameters of a module, or of an iterable of tensors (e.g. the trainable ones)."""
     params = model.parameters() if hasattr(model, "parameters") else model

@@ -6,9 +6,7 @@ come from :func:`retrikt.retrieval.predict`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Sequence
 
 from retrikt.io import DataError, read_jsonl
 from retrikt.tasks import INT_FIELDS, Task, get_task
@@ -66,7 +64,3 @@ def parse_cli_inputs(task: str | Task, fields: list[str] | None, jsonl: Path | N
         out.append(ex)
     return out
 
-
-def to_json(preds: Sequence[dict]) -> str:
-    """JSON Lines of predictions (``--json`` output)."""
-    return "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)

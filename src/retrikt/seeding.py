@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 
 def seed_everything(seed: int) -> None:
     """Seed every RNG the pipeline uses and ask torch for deterministic kernels."""
     random.seed(seed)
-    os.environ["PYTHONHASHSEED"] = str(seed)
     try:
         import numpy as np
 

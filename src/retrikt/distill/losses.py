@@ -27,7 +27,7 @@ from torch import Tensor
 from retrikt.classifier import mean_pool
 
 __all__ = [
-    "LossOutput", "kd_loss", "kd_ce_loss", "annealed_temperature",
+    "LossOutput", "kd_loss", "kd_ce_loss",
     "similarity_distribution", "retrieval_kl_loss", "retrieval_aggregate", "retrieval_predict",
     "mgskd_layer_map", "mgskd_token_loss", "mgskd_sample_loss", "mgskd_loss",
     "attribution", "adkd_attr_loss", "adkd_loss",
@@ -63,13 +63,6 @@ def kd_ce_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, a
     kd = kd_loss(student_logits, teacher_logits, temperature, targets_are_probs=targets_are_probs)
     ce = F.cross_entropy(student_logits, labels)
     return LossOutput(alpha * kd + (1.0 - alpha) * ce, {"kd": kd, "ce": ce})
-
-
-def annealed_temperature(temperature: float, epoch: int, num_epochs: int) -> float:
-    """AD-KD's ``kd_anneal`` schedule: linear from ``temperature`` (epoch 0) to 1 (last epoch)."""
-    if num_epochs <= 1:
-        return temperature
-    return temperature + (1.0 - temperature) * epoch / (num_epochs - 1)
 
 
 # ------------------------------------------------------------------------------- RetriKT --- #

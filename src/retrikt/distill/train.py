@@ -183,7 +183,7 @@ def adkd(student: Classifier, teacher: Classifier, train: list[dict], sp: Studen
         real = enc["attention_mask"].bool()
         cache += [(t_logits[b].detach().to(dev), a_t[b][:, real[b]].T.to(dev)) for b in range(len(rows))]
     hook.remove()
-    _embeddings_module(student).register_forward_hook(lambda _m, _i, out: seen.__setitem__("s", out))
+    student_hook = _embeddings_module(student).register_forward_hook(lambda _m, _i, out: seen.__setitem__("s", out))
 
     def loss(idx: list[int]) -> torch.Tensor:
         rows = [train[i] for i in idx]
@@ -196,7 +196,7 @@ def adkd(student: Classifier, teacher: Classifier, train: list[dict], sp: Studen
         return L.adkd_loss(s_out.logits, t_logits, y, a_s, a_t, mask, alpha=sp.kd_alpha,
                            temperature=sp.kd_temperature, beta=sp.adkd_beta).total
 
-    return Objective(len(train), loss, student.predict_proba)
+    return Objective(len(train), loss, student.predict_proba, release=student_hook.remove)
 
 
 def retrikt_kd(student: Classifier, teacher: Classifier, train: list[dict], entries: list[dict],
@@ -381,6 +381,7 @@ def train_student(params: Params, task_name: str, run, *, method: str, layers: i
         weight_decay=params.student.weight_decay, warmup_ratio=params.student.warmup_ratio,
         on_epoch=lambda row: run.add_plot_row("student_curve", row, step_key="epoch"),
         desc=f"{method}-L{layers}-s{seed} {task.name}", dtype=sp.dtype)
+    objective.release()
     train_seconds = time.perf_counter() - t0
 
     folder = paths.student(task.name, method, layers, seed)
