@@ -85,7 +85,8 @@ def main() -> None:
 
     from retrikt.distill.train import train_student
     from retrikt.index import index as index_stage
-    from retrikt.params import METHODS, parse_params
+    from retrikt.methods import METHODS
+    from retrikt.params import parse_params
     from retrikt.tracking import StageRun, disable_telemetry
 
     disable_telemetry()

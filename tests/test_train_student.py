@@ -18,10 +18,12 @@ import torch
 from retrikt import paths, store
 from retrikt.classifier import Classifier, train_classifier
 from retrikt.distill import losses as L
-from retrikt.distill.train import adkd, check_same_tokenizer, mgskd, teacher_candidates, train_student
+from retrikt.distill.objectives import adkd, check_same_tokenizer, mgskd, teacher_candidates
+from retrikt.distill.train import train_student
 from retrikt.index import index as index_stage
 from retrikt.io import read_json, read_jsonl, write_jsonl
-from retrikt.params import METHODS, Params, parse_params
+from retrikt.methods import METHODS
+from retrikt.params import Params, parse_params
 from retrikt.retrieval import STORE_SUBDIR, load_student
 from retrikt.tasks import get_task
 from retrikt.tracking import StageRun
@@ -187,7 +189,7 @@ def test_retrieval_queries_and_candidate_side(repo, queries, grad):
     the student's own (fresh with gradient, or the epoch's cached embeddings); every variant learns."""
     import dataclasses
 
-    from retrikt.distill.train import Retrieval
+    from retrikt.distill.objectives import Retrieval
 
     sp = dataclasses.replace(repo.student, retrieval_queries=queries, retrieval_candidate_grad=grad)
     params = dataclasses.replace(repo, student=sp)
@@ -260,9 +262,9 @@ def test_cached_teacher_passes_equal_live_ones(repo):
     want = (L.kd_ce_loss(s_out.logits, t_out.logits, y, sp.kd_alpha, sp.kd_temperature).total
             + L.mgskd_loss(s_out.hidden_states, t_out.hidden_states, enc["attention_mask"], n_heads=heads,
                            w_sample=sp.mgskd_sample_weight, w_token=sp.mgskd_token_weight).total)
-    assert torch.isclose(mgskd(student, teacher, rows, sp).loss(idx), want, rtol=1e-4, atol=1e-5)
+    assert torch.isclose(mgskd(student, teacher, rows, None, repo).loss(idx), want, rtol=1e-4, atol=1e-5)
 
-    objective = adkd(student, teacher, rows, sp)
+    objective = adkd(student, teacher, rows, None, repo)
     got = objective.loss(idx)
     seen = {}
 

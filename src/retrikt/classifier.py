@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -230,6 +230,7 @@ class Objective:
     loss: Callable[[list[int]], torch.Tensor]
     predict: Callable[[Sequence[dict]], np.ndarray]
     release: Callable[[], None] = lambda: None  # undoes what the method attached to the student (a hook)
+    extra: Any = None  # what the method keeps for saving and serving (``retrikt``: its Retrieval)
 
 
 def write_predictions(task: str, name: str, rows: list[dict], proba) -> None:

@@ -181,10 +181,13 @@ def index(task: str, params: Path = ParamsOpt) -> None:
 def train_student(task: str, method: str, layers: int, seed: int, params: Path = ParamsOpt) -> None:
     """Train one student: METHOD (finetune, vanilla_kd, mgskd, adkd, retrikt_kd, retrikt) with LAYERS layers."""
     from retrikt import paths
-    from retrikt.params import METHODS
+    from retrikt.errors import UnknownNameError
+    from retrikt.methods import get_method
 
-    if method not in METHODS:
-        _fail(f"unknown method '{method}'; known: {', '.join(METHODS)}", 2)
+    try:
+        get_method(method)
+    except UnknownNameError as e:
+        _fail(str(e), 2)
     name = f"{method}-L{layers}-s{seed}"
     _stage("train_student", _call("retrikt.distill.train:train_student"), params, task, run_seed=seed,
            metrics=paths.student_metrics(task, method, layers, seed), variant=name,

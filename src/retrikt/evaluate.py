@@ -4,9 +4,9 @@ Reads what the other stages wrote (:mod:`retrikt.report.inputs`) and writes, all
 
 ``reports/results.json``
     Every number: per task the majority class of train and, per student size, one row per model
-    (teacher, then the configured methods in the order of :data:`retrikt.params.METHODS`) with each
+    (teacher, then the configured methods in the order of :data:`retrikt.methods.METHODS`) with each
     task metric as mean ± std over seeds, the gap closed and the costs; the best baseline (of
-    :data:`retrikt.params.BASELINES`); RetriKT − best baseline and RetriKT − RetriKT-KD with paired
+    :data:`retrikt.methods.BASELINES`); RetriKT − best baseline and RetriKT − RetriKT-KD with paired
     bootstrap CIs and p-values; the serving cost per method (accuracy, time relative to the plain
     forward, bytes read at serving); knowledge-store quality; PPO before/after; the missing inputs.
 ``reports/results.md``
@@ -39,7 +39,8 @@ import numpy as np
 
 from retrikt import paths
 from retrikt.io import atomic_write_json, atomic_write_text
-from retrikt.params import BASELINES, METHODS, Params
+from retrikt.methods import BASELINES, METHODS, REGISTRY
+from retrikt.params import Params
 from retrikt.report import figures as F
 from retrikt.report.inputs import Predictions, TaskReader, clean
 from retrikt.report.markdown import render_markdown
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 RESULTS_JSON, RESULTS_MD, METRICS_JSON = paths.RESULTS_JSON, paths.RESULTS_MD, paths.HEADLINE_METRICS
 PROPOSED = "retrikt"
 STORE_KD = "retrikt_kd"
-RETRIEVE_AT_SERVING = ("retrikt",)  # methods that read the store at inference (RetriKT-KD only trains on it)
+RETRIEVE_AT_SERVING = tuple(n for n, m in REGISTRY.items() if m.retrieves)  # read the store at inference
 COST_KEYS = ("parameters", "model_bytes", "store_bytes", "latency_ms", "forward_latency_ms", "latency_ratio",
              "train_seconds")
 RETRIEVAL_EXAMPLES, RETRIEVAL_SHOWN = 4, 5  # validation inputs in the retrieval panel; entries shown each

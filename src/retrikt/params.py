@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional, Union
 
 
 from retrikt.errors import ParamsError  # invalid params.yaml; the message is a single line naming the key
+from retrikt.methods import BASELINES, STORE_METHODS
 
 
 def _f(*, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Any:
@@ -160,16 +161,11 @@ class IndexParams:
     hnsw_m: int = _f(lo=2)
 
 
-BASELINES = ("finetune", "vanilla_kd", "mgskd", "adkd")  # trained on the task data only
-STORE_METHODS = ("retrikt_kd", "retrikt")  # trained with the knowledge store
-METHODS = BASELINES + STORE_METHODS
-
-
 @dataclass(frozen=True)
 class StudentParams:
     layers: list[int] = _f(lo=1, hi=48)
-    baselines: list[Literal["finetune", "vanilla_kd", "mgskd", "adkd"]]
-    store_methods: list[Literal["retrikt_kd", "retrikt"]]
+    baselines: list[Literal[BASELINES]]  # the registry's methods (retrikt.methods) trained on the task data only
+    store_methods: list[Literal[STORE_METHODS]]  # ... and those trained with the knowledge store
     epochs: int = _f(lo=1)
     lr: float = _f(lo=0, lo_open=True)
     weight_decay: float = _f(lo=0)

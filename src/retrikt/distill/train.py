@@ -1,59 +1,34 @@
 """`train_student` stage: one student (method × layers × seed) per call; every method shares one loop.
 
 Student: the first L layers of the base encoder with a fresh head (``Classifier.from_base``).
-Teacher / reward model: ``models/<task>/teacher``, frozen. Optimiser for every method: AdamW with
-``student.weight_decay`` and ``student.warmup_ratio`` (linear warm-up/decay), gradient norm clipped
-to 1 (:func:`retrikt.classifier.fit`, the loop the teacher uses too). Losses all come from
-:mod:`retrikt.distill.losses`; α = ``kd_alpha``, T = ``kd_temperature``:
+Teacher / reward model: ``models/<task>/teacher``, frozen. The method (:mod:`retrikt.methods`) says
+whether it needs the teacher and the knowledge store, and names its objective builder in
+:mod:`retrikt.distill.objectives` (what each method optimises is described there). Optimiser for every
+method: AdamW with ``student.weight_decay`` and ``student.warmup_ratio`` (linear warm-up/decay),
+gradient norm clipped to 1 (:func:`retrikt.classifier.fit`, the loop the teacher uses too).
 
-* ``finetune``: CE on the gold train labels.
-* ``vanilla_kd``: α·KD + (1−α)·CE on train.
-* ``mgskd``: α·KD + (1−α)·CE + MGSKD(w_sample, w_token) added with weight 1, as AD-KD's
-  ``glue_train.py`` (``loss + mgskd_w · mgskd``, ``mgskd_w = 1``) — one stage, not TinyBERT's two.
-  Teacher and student read the same token ids (tokenizers must match); relation heads
-  ``gcd(64, H_S, H_T)`` (64 for MiniLM).
-* ``adkd``: α·KD + (1−α)·CE + β·L_attr over the embedding-layer output; one view per class when
-  C > 2 (the code's multi-class variant), else the gold-label view; teacher keeps its top
-  ``adkd_top_k`` fraction of dims.
-* ``retrikt_kd``: KD on train ∪ store: L = α·mean_{batch} KD + (1−α)·mean_{train rows} CE. Store
-  entries have no gold label, so they get the KD term only; their teacher distribution is rebuilt
-  from the stored soft label p as ``softmax(log p / T)`` — exactly the reward model's
-  ``softmax(z/T)``, so train and store rows see the same temperature.
-* ``retrikt``: KL(q_RM ‖ q_S) over each train input's candidates = the reward model's exact top-K
-  store entries (cosine of its embeddings, ``data/index/<task>/embeddings.npy``; an entry whose
-  classifier input equals the query is excluded). Queries are the train rows only (the task data,
-  as in the paper). Per step the student encodes the batch's queries and the *union* of their
-  candidates once, with gradient. Optional ``retrieval_ce_weight`` × NLL of the aggregated
-  prediction over the student's top-k of those candidates. Inference: the student's own FAISS
-  index over the store, top-k, ``Σ softmax(s/τ)·soft_label`` (:func:`retrikt.retrieval.retrieval_proba`).
-
-The teacher is frozen and in eval mode, so its outputs are a function of the input alone: logits,
-MGSKD's matched hidden states and AD-KD's attributions are computed once per training example and
-re-padded per batch (``setup_seconds``), not recomputed every epoch.
-
-Writes the student folder (atomic; ``store/`` for retrikt), validation predictions, metrics and a
-``student_curve`` plot. Metric keys ending in ``_seconds``/``_ms`` are timings (not deterministic).
+Writes the student folder (atomic; ``store/`` for a method that serves by retrieval, ``retrikt``),
+validation predictions, metrics and a ``student_curve`` plot. Metric keys ending in ``_seconds``/``_ms``
+are timings (not deterministic).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from retrikt import paths, store
-from retrikt.classifier import Classifier, Objective, ce_objective, fit, write_predictions
-from retrikt.device import to_device
-from retrikt.distill import losses as L
-from retrikt.io import DataError, atomic_dir, read_jsonl
-from retrikt.models import count_parameters, sha256_file
-from retrikt.params import METHODS, Params, StudentParams
+from retrikt.classifier import Classifier, fit, write_predictions
+from retrikt.distill import objectives
+from retrikt.io import atomic_dir, read_jsonl
+from retrikt.methods import get_method
+from retrikt.models import count_parameters
+from retrikt.params import Params
 from retrikt.retrieval import STORE_SUBDIR, retrieval_proba
 from retrikt.seeding import seed_everything
 from retrikt.tasks import get_task
@@ -62,279 +37,12 @@ from retrikt.timing import ab_latency
 log = logging.getLogger(__name__)
 LATENCY_EXAMPLES = 64
 LATENCY_ROUNDS = 3  # A/B rounds over the LATENCY_EXAMPLES validation rows
-MGSKD_MAX_HEADS = 64  # n_relation_heads in both official repos
-TEACHER_BATCH = 32  # batch size of the one-off teacher passes
-
-
-def _labels(rows: Sequence[dict], device: torch.device) -> torch.Tensor:
-    return torch.tensor([r["label"] for r in rows], device=device)
 
 
 def _load_teacher(task: str) -> Classifier:
     teacher = Classifier.load(paths.teacher(task))
     teacher.model.requires_grad_(False).eval()
     return teacher
-
-
-def _teacher_logits(teacher: Classifier, rows: Sequence[dict]) -> torch.Tensor:
-    return torch.from_numpy(teacher.logits(rows))
-
-
-# --------------------------------------------------------------------------------- methods --- #
-finetune = ce_objective  # CE on the gold train labels, exactly the teacher's objective
-
-
-def vanilla_kd(student: Classifier, teacher: Classifier, train: list[dict], sp: StudentParams) -> Objective:
-    t_logits = _teacher_logits(teacher, train).to(student.model.device)
-
-    def loss(idx: list[int]) -> torch.Tensor:
-        rows = [train[i] for i in idx]
-        z = student.forward(rows)[0].logits
-        return L.kd_ce_loss(z, t_logits[idx], _labels(rows, z.device), sp.kd_alpha, sp.kd_temperature).total
-
-    return Objective(len(train), loss, student.predict_proba)
-
-
-def check_same_tokenizer(a: Classifier, b: Classifier, rows: Sequence[dict], method: str) -> None:
-    """Raise ValueError unless both classifiers turn ``rows`` into the same token ids (MGSKD and
-    AD-KD compare teacher and student token by token)."""
-    same = a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
-    if same:
-        pairs = [a.task.render(r) for r in rows]
-        kw = dict(truncation=True, max_length=a.max_length)
-        same = all(a.tokenizer(*p, **kw)["input_ids"] == b.tokenizer(*p, **kw)["input_ids"] for p in pairs)
-    if not same:
-        raise ValueError(f"{method}: the teacher and the student tokenize differently, but {method} compares "
-                         "them token by token; use a teacher built on the student's encoder")
-
-
-def scatter_tokens(parts: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """Per-example tensors over their real tokens (``[T_b, ...]``) -> a zero-padded ``[B, T, ...]`` batch."""
-    out = parts[0].new_zeros((mask.shape[0], mask.shape[1], *parts[0].shape[1:]))
-    for b, part in enumerate(parts):
-        out[b, mask[b].bool()] = part
-    return out
-
-
-def _teacher_batches(student: Classifier, teacher: Classifier, rows: Sequence[dict]):
-    """``(rows, enc)`` chunks of ``rows`` tokenised by the student (the teacher reads the same ids), on
-    the teacher's device."""
-    for i in range(0, len(rows), TEACHER_BATCH):
-        chunk = rows[i:i + TEACHER_BATCH]
-        yield chunk, to_device(student.encode(chunk), teacher.model.device)
-
-
-def mgskd(student: Classifier, teacher: Classifier, train: list[dict], sp: StudentParams) -> Objective:
-    """Teacher logits and matched hidden states are computed once (eval mode: a function of the
-    input only), kept on the student's device and re-padded per batch; the unmatched teacher layers
-    are never read (None)."""
-    check_same_tokenizer(student, teacher, train[:32], "mgskd")
-    heads = math.gcd(MGSKD_MAX_HEADS, student.model.config.hidden_size, teacher.model.config.hidden_size)
-    n_teacher = teacher.model.config.num_hidden_layers
-    layers = [t for _, t in L.mgskd_layer_map(student.model.config.num_hidden_layers, n_teacher)]
-    cache: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
-    dev = student.model.device
-    with torch.no_grad():
-        for _, enc in _teacher_batches(student, teacher, train):
-            out, real = teacher.model(**enc, output_hidden_states=True), enc["attention_mask"].bool()
-            cache += [(out.logits[b].to(dev), [out.hidden_states[t][b, real[b]].to(dev) for t in layers])
-                      for b in range(len(real))]
-
-    def loss(idx: list[int]) -> torch.Tensor:
-        rows = [train[i] for i in idx]
-        s_out, enc = student.forward(rows, hidden=True)
-        mask = enc["attention_mask"]
-        t_hidden: list = [None] * (n_teacher + 1)
-        for j, t in enumerate(layers):
-            t_hidden[t] = scatter_tokens([cache[i][1][j] for i in idx], mask)
-        t_logits = torch.stack([cache[i][0] for i in idx])
-        base = L.kd_ce_loss(s_out.logits, t_logits, _labels(rows, mask.device), sp.kd_alpha, sp.kd_temperature)
-        rel = L.mgskd_loss(s_out.hidden_states, t_hidden, mask, n_heads=heads,
-                           w_sample=sp.mgskd_sample_weight, w_token=sp.mgskd_token_weight)
-        return base.total + rel.total
-
-    return Objective(len(train), loss, student.predict_proba)
-
-
-def _embeddings_module(clf: Classifier) -> torch.nn.Module:
-    return getattr(clf.model, clf.model.base_model_prefix).embeddings
-
-
-def adkd(student: Classifier, teacher: Classifier, train: list[dict], sp: StudentParams) -> Objective:
-    """Teacher attributions are computed once per example (and kept on the student's device): each is
-    normalised over its own tokens, so it does not depend on the batch it sits in (the 1/B of the
-    batch mean cancels)."""
-    check_same_tokenizer(student, teacher, train[:32], "adkd")
-    seen: dict[str, torch.Tensor] = {}
-    views = (lambda y: None) if student.task.num_labels > 2 else (lambda y: y)  # multi-view when C > 2
-
-    def leaf(_m, _i, out: torch.Tensor) -> torch.Tensor:  # frozen teacher: make E a grad leaf
-        seen["t"] = out.detach().requires_grad_()
-        return seen["t"]
-
-    hook = _embeddings_module(teacher).register_forward_hook(leaf)
-    cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-    dev = student.model.device
-    for rows, enc in _teacher_batches(student, teacher, train):
-        with torch.enable_grad():
-            t_logits = teacher.model(**enc).logits
-        a_t = L.attribution(t_logits, seen["t"], enc["attention_mask"], labels=views(_labels(rows, t_logits.device)),
-                            top_k=sp.adkd_top_k)                                   # [B, V, T]
-        real = enc["attention_mask"].bool()
-        cache += [(t_logits[b].detach().to(dev), a_t[b][:, real[b]].T.to(dev)) for b in range(len(rows))]
-    hook.remove()
-    student_hook = _embeddings_module(student).register_forward_hook(lambda _m, _i, out: seen.__setitem__("s", out))
-
-    def loss(idx: list[int]) -> torch.Tensor:
-        rows = [train[i] for i in idx]
-        s_out, enc = student.forward(rows)
-        mask = enc["attention_mask"]
-        y = _labels(rows, mask.device)
-        a_s = L.attribution(s_out.logits, seen["s"], mask, labels=views(y), create_graph=True)
-        a_t = scatter_tokens([cache[i][1] for i in idx], mask).transpose(1, 2)
-        t_logits = torch.stack([cache[i][0] for i in idx])
-        return L.adkd_loss(s_out.logits, t_logits, y, a_s, a_t, mask, alpha=sp.kd_alpha,
-                           temperature=sp.kd_temperature, beta=sp.adkd_beta).total
-
-    return Objective(len(train), loss, student.predict_proba, release=student_hook.remove)
-
-
-def retrikt_kd(student: Classifier, teacher: Classifier, train: list[dict], entries: list[dict],
-               sp: StudentParams) -> Objective:
-    rows_all = train + entries
-    store_logits = torch.from_numpy(np.log(np.clip(store.soft_labels(entries), 1e-12, None)))
-    targets = torch.cat([_teacher_logits(teacher, train), store_logits])  # softmax(·/T) = teacher's
-    targets = targets.to(student.model.device)
-    n_train = len(train)
-
-    def loss(idx: list[int]) -> torch.Tensor:
-        z = student.forward([rows_all[i] for i in idx])[0].logits
-        kd = L.kd_loss(z, targets[idx], sp.kd_temperature)
-        gold = [j for j, i in enumerate(idx) if i < n_train]
-        if not gold:
-            return sp.kd_alpha * kd
-        ce = F.cross_entropy(z[gold], _labels([rows_all[idx[j]] for j in gold], z.device))
-        return sp.kd_alpha * kd + (1.0 - sp.kd_alpha) * ce
-
-    return Objective(len(rows_all), loss, student.predict_proba)
-
-
-def teacher_candidates(query_emb: np.ndarray, entry_emb: np.ndarray, k: int,
-                       exclude: Sequence[set[int]] | None = None) -> np.ndarray:
-    """``[Q, K]`` entry rows: each query's top-``k`` entries by cosine (exact), best first, minus the
-    ``exclude`` rows (entries identical to the query). K = ``k``, or less when the store is smaller."""
-    exclude = exclude or [set() for _ in range(len(query_emb))]
-    extra = max((len(e) for e in exclude), default=0)
-    index = store.build_index(entry_emb, "flat")
-    _, hits = store.search(index, query_emb, k + extra)
-    kept = [[int(h) for h in row if h >= 0 and h not in ex] for row, ex in zip(hits, exclude)]
-    size = min(k, *(len(r) for r in kept))
-    if size < 2:
-        raise DataError(f"retrikt needs at least 2 candidate store entries per query, got {size}")
-    return np.asarray([r[:size] for r in kept], dtype=np.int64)
-
-
-def _identical_entries(task, train: Sequence[dict], entries: Sequence[dict]) -> list[set[int]]:
-    by_input: dict[tuple, set[int]] = {}
-    for i, e in enumerate(entries):
-        by_input.setdefault(task.render(e), set()).add(i)
-    return [by_input.get(task.render(r), set()) for r in train]
-
-
-def _reward_model_entry_embeddings(task: str, n_entries: int) -> np.ndarray:
-    """The index stage's reward-model embeddings of the store, checked against the teacher and store."""
-    folder = paths.index(task)
-    _, _, meta = store.load_index(folder)
-    stale = {"model_sha256": store.model_identity(paths.teacher(task))["model_sha256"],
-             "entries_sha256": sha256_file(paths.store_entries(task))}
-    for key, want in stale.items():
-        if meta.get(key) != want:
-            raise DataError(f"{folder}: built from another {key.split('_')[0]}; re-run `retrikt index {task}`")
-    emb = store.load_embeddings(folder)
-    if len(emb) != n_entries:
-        raise DataError(f"{folder}: {len(emb)} embeddings for {n_entries} store entries")
-    return emb
-
-
-class Retrieval:
-    """The ``retrikt`` objective; also builds the student's store index for validation and saving.
-
-    Queries: the train rows, and with ``retrieval_queries: train+store`` every store entry too (each
-    entry never among its own candidates). Candidates: each query's top-K store entries under the
-    reward model (exact cosine). The loss is ``KL(q_RM ‖ q_S)`` over them. With
-    ``retrieval_candidate_grad`` the student embeds the batch's candidates afresh, with gradient (cost:
-    the union of the batch's candidate lists, up to B·K entries, every step); without it the candidate
-    side reads the student's embeddings of the whole store made once per epoch — the same pass that
-    builds the index for that epoch's validation — and the gradient flows through the queries only.
-    """
-
-    def __init__(self, student: Classifier, teacher: Classifier, train: list[dict], entries: list[dict],
-                 params: Params):
-        self.student, self.train, self.entries, self.params = student, train, entries, params
-        sp = params.student
-        self.tau, self.top_k, self.ce_weight = sp.retrieval_tau, sp.retrieval_top_k, sp.retrieval_ce_weight
-        self.candidate_grad = sp.retrieval_candidate_grad
-        self.soft = store.soft_labels(entries)
-        t_entries = _reward_model_entry_embeddings(student.task.name, len(entries))
-        exclude = _identical_entries(student.task, train, entries)
-        self.queries, t_queries = list(train), teacher.embed(train)
-        self.gold = [r["label"] for r in train]  # the store entries have no gold label (CE term: train rows only)
-        if sp.retrieval_queries == "train+store":
-            same = _identical_entries(student.task, entries, entries)
-            exclude += [same[j] | {j} for j in range(len(entries))]
-            self.queries += entries
-            t_queries = np.concatenate([t_queries, t_entries])
-        self.candidates = teacher_candidates(t_queries, t_entries, sp.retrieval_candidates, exclude)
-        # what the loss reads every step, moved once to the student's device
-        dev = student.model.device
-        self.t_entries, self.t_queries, self.t_soft = (torch.from_numpy(x).to(dev)
-                                                       for x in (t_entries, t_queries, self.soft))
-        self.index = None
-        self.entry_emb = None if self.candidate_grad else self._embed_entries()
-
-    def objective(self) -> Objective:
-        return Objective(len(self.queries), self.loss, self.predict)
-
-    def _embed_entries(self) -> torch.Tensor:
-        """The student's embeddings of every store entry (no gradient), on the student's device."""
-        return torch.from_numpy(self.student.embed(self.entries)).to(self.student.model.device)
-
-    def loss(self, idx: list[int]) -> torch.Tensor:
-        cand = self.candidates[idx]                                   # [B, K] entry rows
-        c = torch.from_numpy(cand).to(self.student.model.device)
-        s_q = self.student.embed_tensor([self.queries[i] for i in idx])
-        if self.candidate_grad:
-            union, pos = np.unique(cand, return_inverse=True)
-            s_u = self.student.embed_tensor([self.entries[u] for u in union])
-            s_c = s_u[torch.from_numpy(pos.reshape(cand.shape)).to(s_u.device)]  # [B, K, H]
-        else:
-            s_c = self.entry_emb[c]
-        loss = L.retrieval_kl_loss(self.t_queries[idx], self.t_entries[c], s_q, s_c, self.tau)
-        gold = [j for j, i in enumerate(idx) if i < len(self.gold)]
-        if self.ce_weight > 0 and gold:
-            sims = torch.einsum("bh,bkh->bk", s_q[gold], s_c[gold])
-            top, at = sims.topk(min(self.top_k, sims.shape[1]), dim=1)
-            p = L.retrieval_aggregate(top, self.t_soft[c[gold].gather(1, at)], self.tau)
-            y = torch.tensor([self.gold[idx[j]] for j in gold], device=s_q.device)
-            loss = loss + self.ce_weight * -p.gather(1, y[:, None]).clamp_min(1e-12).log().mean()
-        return loss
-
-    def build_index(self):
-        """The student's own index over the store (kind from params.index), rows = entry ids; its
-        embeddings also serve the next epoch's candidate side (without ``retrieval_candidate_grad``)."""
-        ip = self.params.index
-        emb = self.student.embed(self.entries)
-        self.index = store.build_index(emb, ip.type, ip.nlist, ip.hnsw_m, self.params.seed)
-        if not self.candidate_grad:
-            self.entry_emb = torch.from_numpy(emb).to(self.student.model.device)
-        return self.index
-
-    def predict(self, rows: Sequence[dict], index=None) -> np.ndarray:
-        """Validation / test probabilities; without an ``index`` it is (re)built from the current student,
-        once per call — i.e. once per epoch in training, then reused for saving."""
-        index = self.build_index() if index is None else index
-        ids = np.arange(len(self.entries))
-        return retrieval_proba(self.student.embed(rows), index, ids, self.soft, self.top_k, self.tau)[0]
 
 
 def serving_latency(student: Classifier, serve: Callable[[dict], object], rows: Sequence[dict]) -> dict[str, float]:
@@ -354,27 +62,18 @@ def serving_latency(student: Classifier, serve: Callable[[dict], object], rows: 
 
 # --------------------------------------------------------------------------------- the stage --- #
 def train_student(params: Params, task_name: str, run, *, method: str, layers: int, seed: int) -> dict:
-    if method not in METHODS:
-        raise ValueError(f"unknown student method {method!r}; known: {', '.join(METHODS)}")
+    spec = get_method(method)
     seed_everything(seed)
     task, sp = get_task(task_name), params.student
     train = read_jsonl(paths.split_file(task.name, "train"))
     validation = read_jsonl(paths.split_file(task.name, "validation"))
     student = Classifier.from_base(paths.base_model("encoder"), task, sp.max_length, num_layers=layers,
                                    pooling=sp.pooling)
-    teacher = None if method == "finetune" else _load_teacher(task.name)
-    entries = store.load_entries(task.name) if method in ("retrikt", "retrikt_kd") else None
-    retrieval = None
+    teacher = _load_teacher(task.name) if spec.needs_teacher else None
+    entries = store.load_entries(task.name) if spec.needs_store else None
     t0 = time.perf_counter()  # training time includes the one-off teacher passes
-    if method == "finetune":
-        objective = finetune(student, train)
-    elif method == "retrikt_kd":
-        objective = retrikt_kd(student, teacher, train, entries, sp)
-    elif method == "retrikt":
-        retrieval = Retrieval(student, teacher, train, entries, params)
-        objective = retrieval.objective()
-    else:
-        objective = {"vanilla_kd": vanilla_kd, "mgskd": mgskd, "adkd": adkd}[method](student, teacher, train, sp)
+    objective = getattr(objectives, spec.objective)(student, teacher, train, entries, params)
+    retrieval = objective.extra if spec.retrieves else None  # an objectives.Retrieval
     del teacher  # the objectives hold what they need
     setup_seconds = time.perf_counter() - t0
     fit(objective, student, validation, epochs=sp.epochs, lr=sp.lr, batch_size=sp.batch_size, seed=seed,
@@ -408,9 +107,9 @@ def train_student(params: Params, task_name: str, run, *, method: str, layers: i
 
     timed = validation[:LATENCY_EXAMPLES]
     store_bytes = 0
-    if method == "retrikt":
+    if spec.retrieves:
         store_bytes = store.dir_bytes(folder / STORE_SUBDIR)  # the student's index + its copy of entries.jsonl
-    elif method == "retrikt_kd":
+    elif spec.needs_store:
         store_bytes = paths.store_entries(task.name).stat().st_size
     out = {**metrics, "parameters": count_parameters(student.model),
            "model_bytes": (folder / "model.safetensors").stat().st_size, "store_bytes": store_bytes}

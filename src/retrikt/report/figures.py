@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from retrikt.io import atomic_write_bytes
-from retrikt.params import METHODS
+from retrikt.methods import METHODS
 from retrikt.report.inputs import Predictions
 from retrikt.report.stats import is_number
 from retrikt.tasks import Task

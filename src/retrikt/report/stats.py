@@ -3,7 +3,7 @@ and, for resamples, :meth:`Task.metric_on_rows`, the same arithmetic).
 
 * ``std`` is the sample standard deviation over seeds (ddof=1); with one seed it is ``None``.
 * The best baseline has the highest mean primary metric among the configured
-  :data:`retrikt.params.BASELINES` (trained on the task data only); a tie goes to the one listed first.
+  :data:`retrikt.methods.BASELINES` (trained on the task data only); a tie goes to the one listed first.
 * Paired bootstrap: the validation examples are resampled with replacement ``samples`` times; the same
   resampled rows serve both methods. On each resample a method's score is the mean over seeds of the
   metric of that seed's predictions, and the statistic is A's score minus B's. The CI is the percentile
