@@ -470,7 +470,7 @@ def main(argv=None) -> None:
             def serve_plain(rs):
                 return student.predict_proba(rs)
 
-            def serve_retrieval(rs, index=index):
+            def serve_retrieval(rs, index=index, ids=ids, soft=soft):
                 return retrieval_proba(student.embed(rs), index, ids, soft, K, TAU)
 
             row["b1"] = ab(serve_plain, serve_retrieval, b1, args.reps, warmup=8)

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 def build_repo(root: Path, store_size: int, teacher: Path | None = None) -> None:
     import numpy as np
 
-    from retrikt import paths, store
+    from retrikt import paths
     from retrikt.classifier import Classifier
     from retrikt.io import read_jsonl, write_jsonl
 

@@ -2,6 +2,7 @@
 # One entry point for a fresh machine with Python 3.11 and git:
 #   bash scripts/run.sh repro [dvc repro args]   set up .venv if needed, then `dvc repro` on params.yaml
 #   bash scripts/run.sh test  [pytest args]      set up .venv if needed, then the whole test suite
+#   bash scripts/run.sh lint  [ruff args]        set up .venv if needed, then ruff over src, tests and benchmarks
 # Set-up is redone only when pyproject.toml, requirements.lock or this script change. Every transitive
 # dependency comes from requirements.lock (`bash scripts/lock.sh` refreshes it); the model pins from params.yaml.
 set -euo pipefail
@@ -45,5 +46,7 @@ case "$cmd" in
     set -e
     if [ "$rc" = 5 ]; then echo "pytest collected no tests: treating as a failure" >&2; exit 1; fi
     exit "$rc" ;;
-  *) echo "usage: bash scripts/run.sh {repro|test} [args]" >&2; exit 2 ;;
+  lint)
+    exec ruff check src tests benchmarks "$@" ;;  # rules: [tool.ruff] in pyproject.toml
+  *) echo "usage: bash scripts/run.sh {repro|test|lint} [args]" >&2; exit 2 ;;
 esac

@@ -191,8 +191,8 @@ def real_model(tmp_path_factory):
     import yaml
 
     from retrikt.errors import ModelResolutionError
-    from retrikt.resolve_model import resolve
     from retrikt.params import ModelSpec
+    from retrikt.resolve_model import resolve
 
     found: dict[str, Path] = {}
 

@@ -11,7 +11,6 @@ processes; and an exception that is *not* a user error keeps its traceback.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.metadata
 import json
@@ -37,10 +36,11 @@ STUDENT_DIR = "models/cb/students/retrikt-L2-s0"
 # ------------------------------------------------------------------------------- the tiny project
 @pytest.fixture(scope="module")
 def base_project(tmp_path_factory, tiny_encoder_dir):
+    import random
+
     import torch
 
     from .test_train_student import keyword_rows, make_tiny_repo, run_student
-    import random
 
     root = tmp_path_factory.mktemp("bad-input")
     old, env, threads = os.getcwd(), os.environ.get("RETRIKT_MLFLOW"), torch.get_num_threads()
@@ -51,8 +51,8 @@ def base_project(tmp_path_factory, tiny_encoder_dir):
         params = make_tiny_repo(tiny_encoder_dir, n_train=24, n_val=9, n_store=12, epochs=1, retrieval_candidates=8,
                                 retrieval_top_k=4)
         run_student(params, "retrikt")
-        from retrikt.resolve_model import resolve
         from retrikt.params import ModelSpec
+        from retrikt.resolve_model import resolve
 
         os.unlink("models/base/encoder")  # a symlink: resolve it as the pipeline does (retrikt_model.json)
         resolve(ModelSpec(name="tiny-bert", source="local", path=str(tiny_encoder_dir)), "encoder")
@@ -84,7 +84,7 @@ def base_project(tmp_path_factory, tiny_encoder_dir):
 def snapshot(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every file (symlinked folders are not followed)."""
     out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             p = Path(dirpath) / name
             out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
@@ -214,7 +214,8 @@ CASES = [
     Case("params-threads", set_param("threads", 0), ["prepare", "cb"], "threads: 0 is out of range", 2),
     Case("params-layers-vs-encoder", set_param("student.layers", [12]), ["check-params"],
          "student.layers[0]: 12 layers, but the encoder (models/base/encoder) has 4", 2),
-    Case("params-layers-at-stage-start", set_param("student.layers", [12]), ["train-student", "cb", "finetune", "12", "0"],
+    Case("params-layers-at-stage-start", set_param("student.layers", [12]),
+         ["train-student", "cb", "finetune", "12", "0"],
          "student.layers[0]: 12 layers, but the encoder", 2),
     Case("params-cuda-without-gpu", set_param("device", "cuda"), ["prepare", "cb"], "device: 'cuda' requested", 2),
     Case("cli-unknown-task", None, ["prepare", "imdb"], "unknown task 'imdb'; known tasks:"),
@@ -255,7 +256,8 @@ CASES = [
          ["resolve-model", "encoder"], "empty-model: not a loadable model"),
     Case("model-unknown-role", None, ["resolve-model", "critic"], "models.critic: no such model", 2),
     # upstream stage outputs, store and index files
-    Case("upstream-no-split", remove("data/processed/cb"), ["teacher", "cb"], "data/processed/cb/train.jsonl: not found"),
+    Case("upstream-no-split", remove("data/processed/cb"), ["teacher", "cb"],
+         "data/processed/cb/train.jsonl: not found"),
     Case("upstream-no-teacher", remove("models/cb/teacher"), ["index", "cb"], "models/cb/teacher"),
     Case("store-truncated", truncate("data/store/cb/entries.jsonl", 0.6), ["index", "cb"],
          "data/store/cb/entries.jsonl:"),
@@ -282,7 +284,8 @@ CASES = [
     Case("predict-not-field-value", None, ["predict", "cb", "premise"], "argument 'premise': expected field=value"),
     Case("predict-jsonl-malformed", write("in.jsonl", '{"premise": "a",\n'), ["predict", "cb", "--jsonl", "in.jsonl"],
          "in.jsonl:1: invalid JSON"),
-    Case("predict-jsonl-empty", write("in.jsonl", "\n"), ["predict", "cb", "--jsonl", "in.jsonl"], "in.jsonl: no inputs"),
+    Case("predict-jsonl-empty", write("in.jsonl", "\n"), ["predict", "cb", "--jsonl", "in.jsonl"],
+         "in.jsonl: no inputs"),
     Case("predict-jsonl-bad-utf8", write("in.jsonl", b'{"premise": "\xff", "hypothesis": "b"}\n'),
          ["predict", "cb", "--jsonl", "in.jsonl"], "in.jsonl:1: not UTF-8"),
     Case("predict-jsonl-missing", None, ["predict", "cb", "--jsonl", "nope.jsonl"], "nope.jsonl: not found"),

@@ -76,7 +76,8 @@ def test_malformed_file_names_file_and_line(tmp_path):
     (mirror / "cb" / "train.jsonl").write_text(json.dumps(good) + "\n{not json\n")
     with pytest.raises(DataError, match=r"cb/train.jsonl:2: invalid JSON"):
         load_split(get_task("cb"), "train", mirror)
-    (mirror / "cb" / "train.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({"premise": "a", "idx": 1, "label": 0}) + "\n")
+    no_hypothesis = {"premise": "a", "idx": 1, "label": 0}
+    (mirror / "cb" / "train.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(no_hypothesis) + "\n")
     with pytest.raises(DataError, match=r"cb/train.jsonl:2: .*hypothesis"):
         load_split(get_task("cb"), "train", mirror)
     (mirror / "cb" / "train.jsonl").write_text(json.dumps({**good, "label": 7}) + "\n")

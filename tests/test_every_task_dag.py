@@ -121,7 +121,8 @@ def test_task_runs_through_the_whole_dag(task_name, tmp_path, tiny_causal_dir, t
     assert f"train_store_student@{task_name}-retrikt-2-0" in names and f"train_baseline@{task_name}-adkd-2-0" in names
     runner = CliRunner()
     for stage in stages:
-        missing = [str(d.def_path) for d in stage.deps if not getattr(d, "params", None) and not Path(d.def_path).exists()]
+        missing = [str(d.def_path) for d in stage.deps
+                   if not getattr(d, "params", None) and not Path(d.def_path).exists()]
         assert not missing, f"{stage.addressing}: declared dependencies missing before it runs: {missing}"
         env, argv = _split_env(stage.cmd)
         assert env == {"PYTHONPATH": "src"} and argv[0] == "retrikt", stage.cmd  # this checkout's code

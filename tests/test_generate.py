@@ -15,8 +15,7 @@ import torch
 import retrikt.generate as gen_mod
 from retrikt import paths
 from retrikt.generate import GenerationError, dedupe, generate, jaccard, word_ngrams
-from retrikt.generator import draw_labels, label_prior
-from retrikt.generator import Samples, attach_prompt, source_text, target_text
+from retrikt.generator import Samples, attach_prompt, draw_labels, label_prior, source_text, target_text
 from retrikt.io import read_json, read_jsonl, write_jsonl
 from retrikt.models import load_generator
 from retrikt.tasks import get_task
@@ -180,9 +179,10 @@ def test_generate_filter_by_teacher_and_rl_prompt(controlled_repo, monkeypatch):
 
 
 def test_generate_store_below_the_minimum_is_a_clear_error(controlled_repo, monkeypatch):
-    monkeypatch.setattr(gen_mod, "sample_full",
-                        lambda model, tok, sources, **kw: Samples(["garbage"] * len(sources),
-                                                                  ["eos" if i > 1 else "budget" for i in range(len(sources))], 7))
+    def sample_full(model, tok, sources, **kw):
+        return Samples(["garbage"] * len(sources), ["eos" if i > 1 else "budget" for i in range(len(sources))], 7)
+
+    monkeypatch.setattr(gen_mod, "sample_full", sample_full)
     with pytest.raises(GenerationError, match=r"^generate: a store of 0 entries is below generate.min_entries \(2\): "
                                               r"0 of 7 samples complete and parsed, 2 unfinished at max_new_tokens "
                                               r"\d+, 0 copies of train/validation rows, 0 duplicates; raise "

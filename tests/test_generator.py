@@ -7,8 +7,18 @@ import math
 import pytest
 import torch
 
-from retrikt.generator import (IGNORE, attach_prompt, load_with_prompt, nll, sample, sample_full, source_text,
-                               target_text, token_nll, tokenize_for_training)
+from retrikt.generator import (
+    IGNORE,
+    attach_prompt,
+    load_with_prompt,
+    nll,
+    sample,
+    sample_full,
+    source_text,
+    target_text,
+    token_nll,
+    tokenize_for_training,
+)
 from retrikt.models import load_generator
 from retrikt.tasks import get_task
 

@@ -45,7 +45,10 @@ def all_imports() -> dict[str, set[str]]:
             for p in sorted((SRC / PKG).rglob("*.py"))}
 
 
-def violations(imports: dict[str, set[str]], stages=frozenset(STAGE_MODULES.values())) -> list[str]:
+STAGES = frozenset(STAGE_MODULES.values())
+
+
+def violations(imports: dict[str, set[str]], stages: frozenset[str] = STAGES) -> list[str]:
     """``"a imports stage module b"`` for each module other than cli.py that imports a stage module."""
     return [f"{name} imports stage module {m}" for name, mods in sorted(imports.items()) if name != DISPATCHER
             for m in sorted(mods) if m in stages and m != name]

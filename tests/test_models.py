@@ -60,8 +60,9 @@ def test_missing_local_folder(tmp_path):
 def test_unreachable_hub_model_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: offline, nothing to find
     spec = ModelSpec(name="x", source="hub", hub_id="nobody/no-such-model")
-    with pytest.raises(ModelResolutionError, match=r"^hub model 'nobody/no-such-model' could not be downloaded "
-                                                   r"\(.*\); are you online\? else use source: registry or local$") as e:
+    want = (r"^hub model 'nobody/no-such-model' could not be downloaded \(.*\); "
+            r"are you online\? else use source: registry or local$")
+    with pytest.raises(ModelResolutionError, match=want) as e:
         resolve(spec, "encoder", tmp_path)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "encoder").exists()

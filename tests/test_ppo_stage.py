@@ -14,8 +14,8 @@ from retrikt.generator import attach_prompt
 from retrikt.io import read_json
 from retrikt.models import load_generator
 from retrikt.params import parse_params
-from retrikt.rl.stage import RolloutReward, balanced_conditions, label_sampler, ppo
 from retrikt.rl.rewards import RewardWeights
+from retrikt.rl.stage import RolloutReward, balanced_conditions, label_sampler, ppo
 from retrikt.tasks import get_task
 from retrikt.tracking import StageRun
 

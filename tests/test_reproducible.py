@@ -220,7 +220,7 @@ def test_sigkill_mid_stage_leaves_no_partial_output_and_repro_completes(referenc
         run.kill()
         out = "\n".join(line for _, line in run.lines)
         assert f"Running stage '{stage}'" in out and not any(
-            f"Running stage" in line for _, line in run.lines[i + 1:]), f"{stage} was not the stage killed"
+            "Running stage" in line for _, line in run.lines[i + 1:]), f"{stage} was not the stage killed"
         outs = _outs(proj, stage)
         for o in outs:  # DVC removed the outputs before running; what exists now is whole
             assert not o.exists() or _complete(o), f"{stage}: partial output {o}"

@@ -15,6 +15,7 @@ from peft import PromptTuningConfig, TaskType, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
+from retrikt.params import RLParams, parse_params
 from retrikt.rl.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -26,8 +27,6 @@ from retrikt.rl.ppo import (
     ppo_policy_loss,
     value_loss,
 )
-
-from retrikt.params import RLParams, parse_params
 
 RL: RLParams = parse_params(yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())).rl
 

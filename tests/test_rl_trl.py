@@ -8,7 +8,6 @@ import torch
 from retrikt.rl.trl_algos import TrlConfig, make_trl_reward, train_with_trl
 from tests.test_rl_ppo import CONDITIONS, good_fraction, rl_params, tiny_causal_peft, tiny_t5_peft, tiny_tokenizer
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only thrash
 
 

@@ -9,8 +9,19 @@ import torch.nn.functional as F
 
 from retrikt.generator import attach_prompt, source_text
 from retrikt.models import load_generator
-from retrikt.sampling import (LlamaDecoder, _generic_loop, _prefix_embeds, _Rules, decode, draw_samples,
-                              field_name_tokens, line_breaks, nucleus_draw, uniforms, uses_fast_path)
+from retrikt.sampling import (
+    LlamaDecoder,
+    _generic_loop,
+    _prefix_embeds,
+    _Rules,
+    decode,
+    draw_samples,
+    field_name_tokens,
+    line_breaks,
+    nucleus_draw,
+    uniforms,
+    uses_fast_path,
+)
 from retrikt.tasks import get_task
 
 from .conftest import fit_tiny_generator

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from retrikt import paths, store
+from retrikt import paths
 from retrikt.classifier import Classifier
 from retrikt.distill.train import train_student
 from retrikt.index import index as index_stage

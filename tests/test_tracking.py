@@ -7,8 +7,7 @@ import warnings
 import pytest
 
 from retrikt.io import read_json
-from retrikt.paths import main_repo_root
-from retrikt.paths import timings as timings_path
+from retrikt.paths import main_repo_root, timings as timings_path
 from retrikt.tracking import StageRun
 
 

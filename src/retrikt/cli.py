@@ -70,10 +70,11 @@ def _stage(stage: str, fn: Callable, params_path: Path, task: str | None = None,
             from retrikt.tasks import get_task
 
             get_task(task)
-        from retrikt.tracking import StageRun
         from retrikt import paths
+        from retrikt.tracking import StageRun
 
-        section = {"prepare": "data", "resolve_model": "models", "train_student": "student", "ppo": "rl"}.get(stage, stage)
+        sections = {"prepare": "data", "resolve_model": "models", "train_student": "student", "ppo": "rl"}
+        section = sections.get(stage, stage)
         logged = {"seed": params.seed if run_seed is None else run_seed}
         pdict = params.to_dict()
         if section in pdict:
@@ -203,7 +204,8 @@ def evaluate(params: Path = ParamsOpt) -> None:
 
 @app.command()
 def predict(task: str = typer.Argument(..., help="task name, e.g. cb"),
-            fields: Optional[list[str]] = typer.Argument(None, help="field=value pairs, e.g. premise='...' hypothesis='...'"),
+            fields: Optional[list[str]] = typer.Argument(None, help="field=value pairs, e.g. premise='...' "
+                                                                    "hypothesis='...'"),
             student: Optional[Path] = typer.Option(None, help="student folder (default: retrikt-L2-s<first seed>)"),
             jsonl: Optional[Path] = typer.Option(None, help="a JSONL file of inputs instead of field=value"),
             k: Optional[int] = typer.Option(None, help="entries to retrieve (default: student.retrieval_top_k)"),
@@ -228,7 +230,8 @@ def predict(task: str = typer.Argument(..., help="task name, e.g. cb"),
             _fail(f"{folder}: no trained student (run `dvc repro` or pass --student)", 1)
         set_threads(p.threads)
         set_device(p.device)
-        preds = run_predict(task, folder, parse_cli_inputs(task, fields, jsonl), p.student.retrieval_top_k if k is None else k)
+        inputs = parse_cli_inputs(task, fields, jsonl)
+        preds = run_predict(task, folder, inputs, p.student.retrieval_top_k if k is None else k)
     for pred in preds:
         typer.echo(_json.dumps(pred, ensure_ascii=False) if as_json else format_prediction(pred, task))
 

@@ -44,8 +44,15 @@ from retrikt.params import Params
 from retrikt.report import figures as F
 from retrikt.report.inputs import Predictions, TaskReader, clean
 from retrikt.report.markdown import render_markdown
-from retrikt.report.stats import (best_baseline, gap_closed, is_number, majority_class, mean_std, paired_bootstrap,
-                                  ppo_before_after)
+from retrikt.report.stats import (
+    best_baseline,
+    gap_closed,
+    is_number,
+    majority_class,
+    mean_std,
+    paired_bootstrap,
+    ppo_before_after,
+)
 from retrikt.tasks import Task, get_task
 from retrikt.tracking import flatten
 
@@ -118,7 +125,7 @@ def _task_report(params: Params, task: Task) -> _Loaded:
                 if pred is not None:
                     reader.check_agreement(pred, file, f"{method}-L{layers}-s{s}")
             preds[method] = loaded
-        mean = lambda m: rows[m]["metrics"][primary]["mean"] if m in rows else None  # noqa: E731
+        mean = lambda m, rows=rows: rows[m]["metrics"][primary]["mean"] if m in rows else None
         for model, row in rows.items():
             row["gap_closed"] = None if model == "teacher" else gap_closed(mean(model), mean("teacher"),
                                                                             mean("finetune"))

@@ -46,8 +46,25 @@ import numpy as np
 
 from retrikt import paths
 from retrikt.classifier import Classifier
-from retrikt.generator import draw_labels, label_prior, length_budget, load_tokenizer, load_with_prompt, sample_full, source_text, target_lengths
-from retrikt.io import DataError, MissingInputError, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+from retrikt.generator import (
+    draw_labels,
+    label_prior,
+    length_budget,
+    load_tokenizer,
+    load_with_prompt,
+    sample_full,
+    source_text,
+    target_lengths,
+)
+from retrikt.io import (
+    DataError,
+    MissingInputError,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+    write_jsonl,
+)
 from retrikt.params import Params
 from retrikt.progress import bar
 from retrikt.rl.rewards import corpus_self_bleu

@@ -15,11 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-
 from retrikt.errors import DataError, MissingInputError
 
-__all__ = ["DataError", "MissingInputError", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
-           "read_json", "read_jsonl", "read_jsonl_numbered", "write_jsonl"]
+__all__ = ["DataError", "MissingInputError", "atomic_dir", "atomic_write_bytes", "atomic_write_json",
+           "atomic_write_text", "read_json", "read_jsonl", "read_jsonl_numbered", "write_jsonl"]
 
 
 def _clear_stale(path: Path) -> None:

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-
 from retrikt.errors import ParamsError  # invalid params.yaml; the message is a single line naming the key
 from retrikt.methods import BASELINES, STORE_METHODS
 
@@ -54,7 +53,8 @@ class ModelSpec:
         for attr in need[self.source]:
             if not getattr(self, attr):
                 raise ParamsError(f"{key}.{attr}: required when source is '{self.source}'")
-        if self.sha256 is not None and (len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)):
+        hex_digits = set("0123456789abcdef")
+        if self.sha256 is not None and (len(self.sha256) != 64 or not set(self.sha256) <= hex_digits):
             raise ParamsError(f"{key}.sha256: expected 64 lower-case hex digits")
 
 

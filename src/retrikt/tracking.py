@@ -299,8 +299,9 @@ class StageRun:
         """Curve points / intermediate values: MLflow only (DVC plots go through add_plot_row)."""
         if self._mlflow is None:
             return
-        from mlflow.entities import Metric
         import time
+
+        from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step or 0) for k, v in flatten(metrics).items()

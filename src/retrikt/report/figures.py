@@ -151,7 +151,7 @@ def forest_figure(results: Mapping[str, Any]):
     ax = fig.subplots()
     marks = {"best": dict(color="C3", marker="D"), "kd": dict(color="C0", marker="o")}
     extent = [0.0]
-    for i, (label, kind, comp, _) in enumerate(rows):
+    for i, (_label, kind, comp, _) in enumerate(rows):
         y = len(rows) - 1 - i
         bs = comp["bootstrap"]
         if bs is not None:

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from retrikt import paths
-from retrikt.tracking import flatten
 from retrikt.report.stats import is_number
+from retrikt.tracking import flatten
 
 LATENCY_NOTE = (
     "Serving time is measured A/B in the student's own stage: its end-to-end prediction of one validation "
