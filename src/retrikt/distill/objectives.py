@@ -21,9 +21,10 @@ method that does not read the store. Losses all come from :mod:`retrikt.distill.
   ``softmax(z/T)``, so train and store rows see the same temperature.
 * ``retrikt``: KL(q_RM ‖ q_S) over each train input's candidates = the reward model's exact top-K
   store entries (cosine of its embeddings, ``data/index/<task>/embeddings.npy``; an entry whose
-  classifier input equals the query is excluded). Queries are the train rows only (the task data,
-  as in the paper). Per step the student encodes the batch's queries and the *union* of their
-  candidates once, with gradient. Optional ``retrieval_ce_weight`` × NLL of the aggregated
+  classifier input equals the query is excluded). Queries: the train rows (``retrieval_queries:
+  train``, as in the paper), or the store entries too (``train+store``); the candidate side is
+  re-embedded with gradient every step or once per epoch (``retrieval_candidate_grad``; see
+  :class:`Retrieval`). Optional ``retrieval_ce_weight`` × NLL of the aggregated
   prediction over the student's top-k of those candidates. Inference: the student's own FAISS
   index over the store, top-k, ``Σ softmax(s/τ)·soft_label`` (:func:`retrikt.retrieval.retrieval_proba`).
 
