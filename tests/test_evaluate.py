@@ -19,9 +19,10 @@ import pytest
 import yaml
 
 from retrikt import paths
-from retrikt.evaluate import METRICS_JSON, RESULTS_JSON, RESULTS_MD, build_results, evaluate
+from retrikt.evaluate import build_results, evaluate
 from retrikt.io import atomic_write_json, read_json, write_jsonl
 from retrikt.params import parse_params
+from retrikt.paths import HEADLINE_METRICS as METRICS_JSON, RESULTS_JSON, RESULTS_MD
 from retrikt.report.markdown import render_markdown
 from retrikt.report.stats import gap_closed, majority_class, mean_std, paired_bootstrap, ppo_before_after
 from retrikt.tasks import get_task

@@ -58,7 +58,6 @@ from retrikt.tracking import flatten
 
 log = logging.getLogger(__name__)
 
-RESULTS_JSON, RESULTS_MD, METRICS_JSON = paths.RESULTS_JSON, paths.RESULTS_MD, paths.HEADLINE_METRICS
 PROPOSED = "retrikt"
 STORE_KD = "retrikt_kd"
 RETRIEVE_AT_SERVING = tuple(n for n, m in REGISTRY.items() if m.retrieves)  # read the store at inference
@@ -336,14 +335,14 @@ def evaluate(params: Params, run: Any) -> dict[str, Any]:
     """
     results = clean(build_results(params))
     metrics = compact_metrics(results)
-    atomic_write_json(RESULTS_JSON, results)
-    atomic_write_text(RESULTS_MD, render_markdown(results))
-    atomic_write_json(METRICS_JSON, metrics)
+    atomic_write_json(paths.RESULTS_JSON, results)
+    atomic_write_text(paths.RESULTS_MD, render_markdown(results))
+    atomic_write_json(paths.HEADLINE_METRICS, metrics)
     run.set_metrics(flatten(metrics))
-    for path in (RESULTS_MD, RESULTS_JSON, METRICS_JSON):
+    for path in (paths.RESULTS_MD, paths.RESULTS_JSON, paths.HEADLINE_METRICS):
         run.log_artifact(path)
     if paths.FIGURES.exists():
         run.log_artifact(paths.FIGURES, "figures")
     run.set_pipeline_summary(flatten(metrics), tags=headline_tags(results), description=headline_markdown(results),
-                             artifacts={"figures": paths.FIGURES, "": RESULTS_MD})
+                             artifacts={"figures": paths.FIGURES, "": paths.RESULTS_MD})
     return metrics
