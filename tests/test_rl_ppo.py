@@ -234,7 +234,10 @@ def test_same_seed_same_stats():
 def test_seq2seq_smoke():
     tok = tiny_tokenizer()
     cfg = ppo_config(lr=0.1, batch_size=6, mini_batch_size=3, ppo_epochs=2, max_new_tokens=5, top_p=0.9, seed=1)
-    tr = SoftPromptPPO(tiny_t5_peft(len(tok)), tok, cfg, good_fraction)
+    # a reward that varies between responses (length in words): "good" may never be sampled in 3 updates,
+    # and with every reward 0 (and a zero-initialised value head) PPO has nothing to move the prompt by
+    tr = SoftPromptPPO(tiny_t5_peft(len(tok)), tok, cfg, lambda texts, conds, done: {
+        "reward": [float(len(t.split())) for t in texts]})
     hist = tr.train(lambda n: CONDITIONS * (n // 3), 3)
     assert len(hist) == 3 and all(math.isfinite(v) for h in hist for v in h.values())
     assert not torch.equal(tr.prompt_weight.detach(), tr.ref_prompt)
@@ -284,3 +287,31 @@ def test_forced_field_names_are_context_not_actions(tiny_causal_dir):
     assert (ro.act_mask <= ro.r_mask).all() and ro.act_mask.sum() > 0
     stats = tr.step(conds)
     assert math.isfinite(stats["policy_loss"]) and math.isfinite(stats["kl"])
+
+
+def test_first_minibatch_ratio_is_exactly_one_and_padding_is_not_computed(monkeypatch):
+    """The old log-probs come from the same minibatch forwards as the first training steps (ratio 1 to
+    the bit), and a forward only computes up to its rows' longest response."""
+    import retrikt.rl.ppo as ppo_mod
+
+    tok = tiny_tokenizer()
+    cfg = ppo_config(lr=0.1, batch_size=6, mini_batch_size=2, ppo_epochs=2, max_new_tokens=8, kl_coef=0.1, seed=0)
+    tr = SoftPromptPPO(tiny_causal_peft(len(tok)), tok, cfg, good_fraction)
+    ratios, widths = [], []
+    real_loss, real_forward = ppo_mod.ppo_policy_loss, tr._forward
+
+    def spy_loss(logp, old, adv, mask, clip):
+        ratios.append(((logp - old) * mask).abs().max().item())
+        return real_loss(logp, old, adv, mask, clip)
+
+    def spy_forward(prompt, ro, idx=slice(None)):
+        out = real_forward(prompt, ro, idx)
+        widths.append((out[0].shape[1], int(ro.r_mask[idx].sum(1).max())))
+        return out
+
+    monkeypatch.setattr(ppo_mod, "ppo_policy_loss", spy_loss)
+    monkeypatch.setattr(tr, "_forward", spy_forward)
+    tr.step([CONDITIONS[i % 3] for i in range(6)])
+    assert ratios[0] == 0.0  # exp(0) = 1: the first step sees the behaviour policy itself
+    assert max(ratios[3:]) > 0  # later steps see the moved prompt
+    assert all(w == longest for w, longest in widths)

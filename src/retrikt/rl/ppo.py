@@ -6,7 +6,9 @@ prepends the virtual-token embeddings to the embedded condition exactly like PEF
 before the whole input; seq2seq: before the encoder input; PEFT prompt tuning never feeds the
 decoder), with the base model in its own dtype (``rl.dtype``; log-probs in float32). Rollouts are
 drawn by the project's sampler (:mod:`retrikt.sampling`, seeded per call); the "old" log-probs are
-then recomputed by the same forward as the training ones, so the first PPO ratio is exactly 1.
+then recomputed by the same forward as the training ones: the rows of each first-epoch minibatch
+together, cut to their longest response (padding columns are never computed), so the first PPO
+ratio is exactly 1.
 With structured decoding (forced field names) the written names are context, not actions: they are
 left out of the KL penalty, the policy loss and the entropy. (Where the sampler ruled out EOS, the
 policy's log-prob is still that of the unconstrained distribution: a small, documented mismatch.)
@@ -263,11 +265,13 @@ class SoftPromptPPO:
     def _forward(
         self, prompt: torch.Tensor, ro: Rollout, idx: slice | torch.Tensor = slice(None)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Temperature-scaled logits ``[b, T, V]`` and last hidden states ``[b, T, H]`` at the
-        positions predicting each response token (rows ``idx`` of the rollout)."""
+        """Temperature-scaled logits ``[b, t, V]`` and last hidden states ``[b, t, H]`` at the
+        positions predicting each response token (rows ``idx`` of the rollout), ``t`` the longest
+        response among those rows (responses are right-padded: the columns cut are padding in every row)."""
         q_ids, q_mask, r_ids, r_mask = ro.q_ids[idx], ro.q_mask[idx], ro.r_ids[idx], ro.r_mask[idx]
+        t = max(int(r_mask.sum(1).max()), 1)
+        r_ids, r_mask = r_ids[:, :t], r_mask[:, :t]
         emb, am = self._context(prompt, q_ids, q_mask)
-        t = r_ids.shape[1]
         if self.seq2seq:
             start = torch.full_like(r_ids[:, :1], self.start_id)
             out = self.base(
@@ -303,11 +307,17 @@ class SoftPromptPPO:
         # the advantage whitening and the entropy count
         mask = ro.r_mask.float()
         act = (ro.act_mask if ro.act_mask is not None else ro.r_mask).float()
-        with torch.no_grad():
-            logits, hidden = self._forward(self.prompt_weight, ro)
-            ro.logprobs, ro.values = self._logprobs(logits, ro.r_ids), self._values(hidden)
-            ro.ref_logprobs = self._logprobs(self._forward(self.ref_prompt, ro)[0], ro.r_ids)
-            del logits, hidden
+        n = len(conditions)
+        perms = [torch.randperm(n, generator=self._shuffle_gen).to(self.device) for _ in range(cfg.ppo_epochs)]
+        minibatches = [[perm[s : s + cfg.mini_batch_size] for s in range(0, n, cfg.mini_batch_size)] for perm in perms]
+        ro.logprobs, ro.ref_logprobs, ro.values = (torch.zeros(mask.shape, device=self.device) for _ in range(3))
+        with torch.no_grad():  # in the first epoch's minibatches: the same forwards as its training steps
+            for mb in minibatches[0]:
+                logits, hidden = self._forward(self.prompt_weight, ro, mb)
+                t = logits.shape[1]
+                ro.logprobs[mb, :t], ro.values[mb, :t] = self._logprobs(logits, ro.r_ids[mb, :t]), self._values(hidden)
+                ro.ref_logprobs[mb, :t] = self._logprobs(self._forward(self.ref_prompt, ro, mb)[0], ro.r_ids[mb, :t])
+                del logits, hidden
         rewards = kl_penalty_rewards(ro.logprobs, ro.ref_logprobs, act, self.kl_ctl.value)
         last = (ro.r_mask.sum(1) - 1).clamp(min=0)
         rewards[torch.arange(len(last), device=last.device), last] += score
@@ -316,16 +326,14 @@ class SoftPromptPPO:
             adv = masked_whiten(adv, act)
 
         log: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clip_frac": [], "entropy": []}
-        n = len(conditions)
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(n, generator=self._shuffle_gen).to(self.device)
-            for s in range(0, n, cfg.mini_batch_size):
-                mb = perm[s : s + cfg.mini_batch_size]
-                m, a = mask[mb], act[mb]
+        for epoch_minibatches in minibatches:
+            for mb in epoch_minibatches:
                 logits, hidden = self._forward(self.prompt_weight, ro, mb)
-                logp = self._logprobs(logits, ro.r_ids[mb])
-                pg, clip_frac = ppo_policy_loss(logp, ro.logprobs[mb], adv[mb], a, cfg.clip)
-                vl = value_loss(self._values(hidden), ro.values[mb], returns[mb], m, cfg.clip_value)
+                t = logits.shape[1]
+                m, a = mask[mb, :t], act[mb, :t]
+                logp = self._logprobs(logits, ro.r_ids[mb, :t])
+                pg, clip_frac = ppo_policy_loss(logp, ro.logprobs[mb, :t], adv[mb, :t], a, cfg.clip)
+                vl = value_loss(self._values(hidden), ro.values[mb, :t], returns[mb, :t], m, cfg.clip_value)
                 self.optimizer.zero_grad(set_to_none=True)
                 (pg + cfg.vf_coef * vl).backward()
                 nn.utils.clip_grad_norm_([self.prompt_weight], cfg.max_grad_norm)
