@@ -186,6 +186,7 @@ class StudentParams:
     retrieval_candidate_grad: bool
     pooling: Literal["cls", "mean"]  # what the classification head reads: [CLS] or the masked token mean
     dtype: Literal["float32", "bfloat16"]  # training compute dtype (bf16: fp32 master weights, autocast)
+    store_epochs: int = _f(lo=1)  # epochs of the store methods (their data is train + the store)
 
     @property
     def methods(self) -> list[str]:

@@ -76,7 +76,8 @@ def train_student(params: Params, task_name: str, run, *, method: str, layers: i
     retrieval = objective.extra if spec.retrieves else None  # an objectives.Retrieval
     del teacher  # the objectives hold what they need
     setup_seconds = time.perf_counter() - t0
-    fit(objective, student, validation, epochs=sp.epochs, lr=sp.lr, batch_size=sp.batch_size, seed=seed,
+    epochs = sp.store_epochs if spec.needs_store else sp.epochs  # the store is ~10x the train rows
+    fit(objective, student, validation, epochs=epochs, lr=sp.lr, batch_size=sp.batch_size, seed=seed,
         weight_decay=params.student.weight_decay, warmup_ratio=params.student.warmup_ratio,
         on_epoch=lambda row: run.add_plot_row("student_curve", row, step_key="epoch"),
         desc=f"{method}-L{layers}-s{seed} {task.name}", dtype=sp.dtype)
@@ -114,7 +115,7 @@ def train_student(params: Params, task_name: str, run, *, method: str, layers: i
     out = {**metrics, "parameters": count_parameters(student.model),
            "model_bytes": (folder / "model.safetensors").stat().st_size, "store_bytes": store_bytes}
     timings = {"train_seconds": train_seconds, "setup_seconds": setup_seconds,
-               "epoch_seconds": (train_seconds - setup_seconds) / sp.epochs,
+               "epoch_seconds": (train_seconds - setup_seconds) / epochs,
                **serving_latency(student, serve, timed)}
     run.set_metrics(out)  # same seed -> identical file
     run.set_timings(timings)  # machine-dependent: reports/timings/
