@@ -40,7 +40,7 @@ def retrieval_proba(query_emb: np.ndarray, index, ids: np.ndarray, soft: np.ndar
     sims, hits = store.search(index, query_emb, k, ids)
     labels = soft[np.clip(hits, 0, None)]
     proba = retrieval_aggregate(torch.from_numpy(sims), torch.from_numpy(labels), tau)
-    return proba.numpy().astype(np.float32), sims, hits
+    return proba.float().numpy(), sims, hits  # float(): under bf16 autocast the weighted sum is bf16
 
 
 @dataclass
