@@ -78,9 +78,9 @@ def _make_repo(root: Path, encoder_dir: Path) -> Path:
     # not the package the virtualenv's editable install points at
     teacher_py = repo / "src" / "retrikt" / "teacher.py"
     code = teacher_py.read_text()
-    assert 'out = {**metrics, "parameters": n_params}' in code
-    teacher_py.write_text(code.replace('out = {**metrics, "parameters": n_params}',
-                                       'out = {**metrics, "parameters": n_params, "code_of_this_copy": 1}'))
+    line = 'out = {**metrics, "parameters": count_parameters(clf.model)}'
+    assert line in code
+    teacher_py.write_text(code.replace(line, line[:-1] + ', "code_of_this_copy": 1}'))
     mirror = root / "mirror" / "cb"
     mirror.mkdir(parents=True)
     (mirror / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in learnable_rows(24)))
