@@ -58,8 +58,9 @@ def _rows(task_name: str) -> tuple[list[dict], list[dict], list[dict]]:
     return rest[:12], head("validation", 200)[:6], gen
 
 
-def _project(root: Path, task_name: str, generator: Path, encoder: Path) -> Path:
-    """dvc.yaml, src/ and params.yaml of this repository; params: `tasks` and scale only."""
+def _project(root: Path, task_name: str, generator: Path, encoder: Path, source: str = "llm") -> Path:
+    """dvc.yaml, src/ and params.yaml of this repository; params: `tasks` and scale only (and for
+    ``source="oracle"``: ``generate.source`` and a ``data.train_limit`` that leaves spare train rows)."""
     train, validation, _ = _rows(task_name)
     mirror = root / "mirror" / get_task(task_name).mirror_dir
     mirror.mkdir(parents=True)
@@ -82,6 +83,9 @@ def _project(root: Path, task_name: str, generator: Path, encoder: Path) -> Path
     p["student"].update(layers=[2], epochs=1, batch_size=8, max_length=64, retrieval_candidates=4,
                         retrieval_top_k=2)
     p["evaluate"]["bootstrap_samples"] = 50
+    if source == "oracle":
+        p["data"]["train_limit"] = 6  # of 12: the other 6 are the oracle store
+        p["generate"]["source"] = "oracle"
     (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     return proj
 
@@ -103,15 +107,16 @@ def _split_env(cmd: str) -> tuple[dict[str, str], list[str]]:
     return dict(w.split("=", 1) for w in words[:n]), words[n:]
 
 
-@pytest.mark.parametrize("task_name", sorted(TASKS))
-def test_task_runs_through_the_whole_dag(task_name, tmp_path, tiny_causal_dir, tiny_encoder_dir, monkeypatch):
+@pytest.mark.parametrize(("task_name", "source"), [(t, "llm") for t in sorted(TASKS)] + [("rte", "oracle")])
+def test_task_runs_through_the_whole_dag(task_name, source, tmp_path, tiny_causal_dir, tiny_encoder_dir,
+                                         monkeypatch):
     from typer.testing import CliRunner
 
     from retrikt.cli import app
 
     _, _, gen_rows = _rows(task_name)
     generator = fit_tiny_generator(tiny_causal_dir, get_task(task_name), gen_rows, tmp_path / "generator", 192, 120)
-    proj = _project(tmp_path, task_name, generator, tiny_encoder_dir)
+    proj = _project(tmp_path, task_name, generator, tiny_encoder_dir, source)
     stages = _stages_in_order(proj)
     monkeypatch.chdir(proj)
     monkeypatch.setenv("RETRIKT_MLFLOW", "0")  # MLflow has its own tests; here it would only cost time
@@ -139,6 +144,15 @@ def test_task_runs_through_the_whole_dag(task_name, tmp_path, tiny_causal_dir, t
         assert method in report, method
     store = read_json(Path(f"reports/metrics/{task_name}/generate.json"))
     assert store["size"] >= 2
+    if source == "oracle":  # the store is the spare train rows, none of them in the training subset
+        assert store["prompt"] == "oracle" and store["samples"] == 6
+        from retrikt import paths
+
+        task = get_task(task_name)
+        train_texts = {task.serialise(r) for r in read_jsonl(paths.split_file(task_name, "train"))}
+        store_texts = {e["text"] for e in read_jsonl(paths.store_entries(task_name))}
+        assert store_texts <= {task.serialise(r) for r in read_jsonl(paths.spare_file(task_name))}
+        assert not train_texts & store_texts
 
     # `dvc plots show` renders every curve the stages declare and every figure evaluate drew
     shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json", "-o", str(tmp_path / "html")],
