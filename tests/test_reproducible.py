@@ -50,7 +50,7 @@ def _params(mirror: Path, generator: Path, encoder: Path) -> dict:
     p["teacher"].update(epochs=12, batch_size=8, max_length=48)
     p["prompt_tune"].update(num_virtual_tokens=2, epochs=2, batch_size=4, max_length=96, train_limit=8)
     p["rl"].update(updates=1, batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=48, eval_samples=2)
-    p["generate"].update(num_samples=96, batch_size=16, max_new_tokens=48)
+    p["generate"].update(num_samples=96, batch_size=16, max_new_tokens=48, min_entries=16)  # T 0.8: ~40 unique
     p["student"].update(layers=[2], baselines=["finetune"], store_methods=["retrikt"], epochs=6, batch_size=8,
                         max_length=48, retrieval_candidates=8, retrieval_top_k=4)
     p["evaluate"]["bootstrap_samples"] = 50

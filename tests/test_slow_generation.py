@@ -44,7 +44,8 @@ def test_smollm2_prompt_tune_then_generate_parses(smollm2, tiny_encoder_dir, in_
     params = make_params(
         prompt_tune={"num_virtual_tokens": 16, "lr": 0.1, "epochs": 5, "batch_size": 4, "max_length": 128,
                      "train_limit": 16},
-        generate={"num_samples": 8, "batch_size": 8, "max_new_tokens": 64, "temperature": 0.7},
+        generate={"num_samples": 8, "batch_size": 8, "max_new_tokens": 64, "temperature": 0.7,
+                  "min_entries": 1},
         rl={"enabled": False})
     with stage_run("prompt_tune", monkeypatch, plots=("prompt_tune_curve",)) as run:
         tuned = prompt_tune(params, "cb", run)
