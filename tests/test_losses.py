@@ -377,3 +377,23 @@ def test_adkd_padding_invariance_and_zero_when_equal():
     # a model that leaks gradient to padding: the mask still zeroes those positions
     e3, z3 = _Tiny(0, masked=False)(IDS, MASK)
     assert (L.attribution(z3, e3, MASK)[0, :, 3] == 0).all()
+
+
+def test_retrieval_kl_mask_golden_and_finite_grads():
+    """A masked candidate is out of both distributions: the loss is the KL over the kept ones, by hand."""
+    cands = torch.tensor([CANDS, CANDS])
+    t_q = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    s_q = torch.tensor([[0.0, 1.0], [0.0, 1.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    cos_t, cos_s = [1.0, 0.0, -1.0], [0.0, 1.0, 0.0]  # cosines of t_q / s_q with CANDS (tau 1)
+    pt1, ps1 = softmax(cos_t[:2]), softmax(cos_s[:2])
+    pt2, ps2 = softmax(cos_t), softmax(cos_s)
+    kl1 = sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt1, ps1))
+    kl2 = sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt2, ps2))
+    loss = L.retrieval_kl_loss(t_q, cands, s_q, cands, 1.0, mask=mask)
+    assert close(loss, (kl1 + kl2) / 2)
+    loss.backward()
+    assert torch.isfinite(s_q.grad).all() and s_q.grad.abs().sum() > 0
+    full = torch.ones(2, 3, dtype=torch.bool)  # an all-True mask is the unmasked loss
+    assert close(L.retrieval_kl_loss(t_q, cands, s_q, cands, 1.0, mask=full),
+                 L.retrieval_kl_loss(t_q, cands, s_q, cands, 1.0))

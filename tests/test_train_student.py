@@ -216,6 +216,46 @@ def test_retrieval_queries_and_candidate_side(repo, queries, grad):
     assert run_student(params, "retrikt", seed=11)["accuracy"] > 0.6
 
 
+def test_retrieval_negatives_are_random_entries_masked_where_they_clash(repo):
+    """Each step adds R uniform store entries to a query's top-K; one that is already a candidate, the
+    query itself or an identical entry is masked out of both distributions; the draws are seeded."""
+    import dataclasses
+
+    from retrikt.distill.objectives import Retrieval
+
+    sp = dataclasses.replace(repo.student, retrieval_queries="train+store", retrieval_negatives=40)
+    params = dataclasses.replace(repo, student=sp)
+    task = get_task(TASK)
+    train, entries = read_jsonl(paths.split_file(TASK, "train")), store.load_entries(TASK)
+    teacher = Classifier.load(paths.teacher(TASK))
+
+    def build(seed):
+        torch.manual_seed(seed)
+        student = Classifier.from_base(paths.base_model("encoder"), task, sp.max_length, num_layers=2)
+        return student, Retrieval(student, teacher, train, entries, params)
+
+    student, r = build(0)
+    idx = [0, 1, len(train), len(r.queries) - 1]  # two train rows, two store entries as queries
+    cand, mask = r._draw_negatives(idx, r.candidates[idx])
+    k = sp.retrieval_candidates
+    assert cand.shape == mask.shape == (len(idx), k + 40) and mask[:, :k].all()
+    for row, q in enumerate(idx):
+        top = set(cand[row, :k].tolist())
+        own = {q - len(train)} if q >= len(train) else set()
+        for j in range(k, k + 40):
+            clash = int(cand[row, j]) in top or int(cand[row, j]) in own
+            assert bool(mask[row, j]) == (not clash)
+    assert (~mask).any()  # a small store: some draws clash
+    _, r2 = build(0)
+    assert np.array_equal(r2._draw_negatives(idx, r2.candidates[idx])[0], cand)  # same seed, same draws
+    _, r3 = build(1)
+    assert not np.array_equal(r3._draw_negatives(idx, r3.candidates[idx])[0], cand)
+    loss = r.loss(idx)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in student.model.parameters()
+                                        if p.grad is not None)
+
+
 @pytest.mark.parametrize("method", ["retrikt", "adkd"])
 def test_same_seed_same_metrics(repo, method):
     a, b = run_student(repo, method, seed=3), run_student(repo, method, seed=3)

@@ -180,6 +180,7 @@ class StudentParams:
     adkd_top_k: float = _f(lo=0, hi=1, lo_open=True)
     retrieval_tau: float = _f(lo=0, lo_open=True)
     retrieval_candidates: int = _f(lo=2)
+    retrieval_negatives: int = _f(lo=0)  # random store entries added to each query's candidates, every step
     retrieval_top_k: int = _f(lo=1)
     retrieval_ce_weight: float = _f(lo=0)
     retrieval_queries: Literal["train", "train+store"]

@@ -74,29 +74,36 @@ def _cosine(query: Tensor, cands: Tensor) -> Tensor:
 
 
 def similarity_distribution(query_emb: Tensor, cand_emb: Tensor, tau: float, *,
-                            log: bool = False) -> Tensor:
+                            log: bool = False, mask: Tensor | None = None) -> Tensor:
     """``q(i|x) = softmax_i(cos(query, cand_i) / τ)`` as ``[B, K]`` (log-probabilities if ``log``).
 
-    ``cand_emb`` is ``[B, K, H]`` (one candidate set per query) or ``[K, H]`` (shared).
+    ``cand_emb`` is ``[B, K, H]`` (one candidate set per query) or ``[K, H]`` (shared). ``mask``
+    ``[B, K]`` (True = a candidate) leaves the others out: probability 0 (log-probability -inf).
     """
     logits = _cosine(query_emb, cand_emb) / tau
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
     return F.log_softmax(logits, dim=-1) if log else F.softmax(logits, dim=-1)
 
 
 def retrieval_kl_loss(teacher_query: Tensor, teacher_cands: Tensor, student_query: Tensor,
                       student_cands: Tensor, tau: float, *, tau_teacher: float | None = None,
-                      tau_student: float | None = None) -> Tensor:
+                      tau_student: float | None = None, mask: Tensor | None = None) -> Tensor:
     """``KL(q_T ‖ q_S)`` summed over candidates, averaged over the batch ("batchmean").
 
     ``q_T`` comes from the teacher / reward-model embeddings (no gradient), ``q_S`` from the
-    student's; each temperature defaults to ``tau``.
+    student's; each temperature defaults to ``tau``. ``mask`` ``[B, K]`` (True = a candidate): both
+    distributions are over the kept candidates only (a row's set may differ from the next row's).
     """
     with torch.no_grad():
         log_qt = similarity_distribution(teacher_query, teacher_cands,
-                                         tau if tau_teacher is None else tau_teacher, log=True)
+                                         tau if tau_teacher is None else tau_teacher, log=True, mask=mask)
     log_qs = similarity_distribution(student_query, student_cands,
-                                     tau if tau_student is None else tau_student, log=True)
-    return F.kl_div(log_qs, log_qt, reduction="batchmean", log_target=True)
+                                     tau if tau_student is None else tau_student, log=True, mask=mask)
+    if mask is None:
+        return F.kl_div(log_qs, log_qt, reduction="batchmean", log_target=True)
+    log_qt, log_qs = log_qt.masked_fill(~mask, 0.0), log_qs.masked_fill(~mask, 0.0)  # no -inf - -inf = nan
+    return (log_qt.exp() * mask * (log_qt - log_qs)).sum() / len(log_qt)
 
 
 def retrieval_aggregate(sims: Tensor, soft_labels: Tensor, tau: float) -> Tensor:

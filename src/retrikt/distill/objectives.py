@@ -253,7 +253,12 @@ class Retrieval:
 
     Queries: the train rows, and with ``retrieval_queries: train+store`` every store entry too (each
     entry never among its own candidates). Candidates: each query's top-K store entries under the
-    reward model (exact cosine). The loss is ``KL(q_RM ‖ q_S)`` over them. With
+    reward model (exact cosine), plus ``retrieval_negatives`` store entries drawn uniformly at random
+    at every step. The loss is ``KL(q_RM ‖ q_S)`` over them. The negatives are what teach the student
+    the store's structure: in a reward model's embedding space the top-K of a query are nearly all of
+    its class and nearly equally similar (SST-2 oracle store: 99 % of the top-64 share the query's
+    teacher label, cosines 0.94-0.97, so q_RM over them is near uniform), while inference searches
+    the whole store. Random entries carry the other classes, where q_RM puts almost no mass. With
     ``retrieval_candidate_grad`` the student embeds the batch's candidates afresh, with gradient (cost:
     the union of the batch's candidate lists, up to B·K entries, every step); without it the candidate
     side reads the student's embeddings of the whole store made once per epoch — the same pass that
@@ -277,6 +282,12 @@ class Retrieval:
             self.queries += entries
             t_queries = np.concatenate([t_queries, t_entries])
         self.candidates = teacher_candidates(t_queries, t_entries, sp.retrieval_candidates, exclude)
+        self.negatives = sp.retrieval_negatives
+        if self.negatives:  # per query, the entries a random negative must not be: excluded ones (padded -1)
+            width = max(1, max(len(e) for e in exclude))
+            self.excluded = torch.tensor([sorted(e) + [-1] * (width - len(e)) for e in exclude])
+            # own stream, seeded from the stage's seeded torch RNG: drawing negatives moves no other draw
+            self.rng = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
         # what the loss reads every step, moved once to the student's device
         dev = student.model.device
         self.t_entries, self.t_queries, self.t_soft = (torch.from_numpy(x).to(dev)
@@ -292,8 +303,21 @@ class Retrieval:
         """The student's embeddings of every store entry (no gradient), on the student's device."""
         return torch.from_numpy(self.student.embed(self.entries)).to(self.student.model.device)
 
+    def _draw_negatives(self, idx: list[int], cand: np.ndarray) -> tuple[np.ndarray, torch.Tensor | None]:
+        """``cand`` plus ``retrieval_negatives`` uniform random store entries per query, and the mask of
+        the real candidates: a negative that is already a candidate or is excluded for its query (the
+        query itself, an identical entry) is masked out. Without negatives: ``(cand, None)``."""
+        if not self.negatives:
+            return cand, None
+        neg = torch.randint(len(self.entries), (len(idx), self.negatives), generator=self.rng)
+        top = torch.from_numpy(cand)
+        clash = (neg[:, :, None] == top[:, None, :]).any(-1) | \
+                (neg[:, :, None] == self.excluded[idx][:, None, :]).any(-1)
+        mask = torch.cat([torch.ones_like(top, dtype=torch.bool), ~clash], dim=1)
+        return torch.cat([top, neg], dim=1).numpy(), mask.to(self.student.model.device)
+
     def loss(self, idx: list[int]) -> torch.Tensor:
-        cand = self.candidates[idx]                                   # [B, K] entry rows
+        cand, mask = self._draw_negatives(idx, self.candidates[idx])  # [B, K (+ R)] entry rows
         c = torch.from_numpy(cand).to(self.student.model.device)
         s_q = self.student.embed_tensor([self.queries[i] for i in idx])
         if self.candidate_grad:
@@ -302,10 +326,12 @@ class Retrieval:
             s_c = s_u[torch.from_numpy(pos.reshape(cand.shape)).to(s_u.device)]  # [B, K, H]
         else:
             s_c = self.entry_emb[c]
-        loss = L.retrieval_kl_loss(self.t_queries[idx], self.t_entries[c], s_q, s_c, self.tau)
+        loss = L.retrieval_kl_loss(self.t_queries[idx], self.t_entries[c], s_q, s_c, self.tau, mask=mask)
         gold = [j for j, i in enumerate(idx) if i < len(self.gold)]
         if self.ce_weight > 0 and gold:
             sims = torch.einsum("bh,bkh->bk", s_q[gold], s_c[gold])
+            if mask is not None:
+                sims = sims.masked_fill(~mask[gold], float("-inf"))
             top, at = sims.topk(min(self.top_k, sims.shape[1]), dim=1)
             p = L.retrieval_aggregate(top, self.t_soft[c[gold].gather(1, at)], self.tau)
             y = torch.tensor([self.gold[idx[j]] for j in gold], device=s_q.device)
