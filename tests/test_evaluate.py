@@ -335,3 +335,12 @@ def test_ppo_before_after_forms():
     got = ppo_before_after({"before_conf": 0.1, "conf_after": 0.2, "before": {"self_bleu": 0.3},
                             "after": {"self_bleu": 0.2}, "updates": 6})
     assert got == {"before": {"conf": 0.1, "self_bleu": 0.3}, "after": {"conf": 0.2, "self_bleu": 0.2}}
+
+
+def test_the_reward_model_retrieval_ceiling_row(report):
+    """With the index stage's ``rm_retrieval`` the report shows it beside the majority class, per size."""
+    assert "as the retriever" not in report.md  # no index metrics in the synthetic run
+    results = copy.deepcopy(report.results)
+    results["tasks"]["cb"]["index"] = {"entries": 6, "rm_retrieval": {"accuracy": 0.875, "f1_macro": 0.5}}
+    md = render_markdown(results)
+    assert md.count("| reward model as the retriever (RetriKT's ceiling) | 0.8750 |") == 2  # L2 and L4

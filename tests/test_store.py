@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from retrikt import paths, store
 from retrikt.classifier import Classifier
 from retrikt.index import index as index_stage
-from retrikt.io import DataError, read_json, write_jsonl
+from retrikt.io import DataError, read_json, read_jsonl, write_jsonl
 from retrikt.models import sha256_file
 from retrikt.tasks import get_task
 from retrikt.tracking import StageRun
@@ -123,7 +124,16 @@ def test_index_stage(in_tmp_repo, tiny_encoder_dir, monkeypatch, params_for_inde
     assert np.allclose(emb, Classifier.load(paths.teacher("cb")).embed(entries), atol=1e-5)
     assert metrics["entries"] == 9 and metrics["dim"] == 32 and metrics["index_bytes"] > 0
     assert metrics["query_ms"] >= 0 and metrics["build_seconds"] >= 0
-    assert read_json(paths.metrics("cb", "index")) == {k: metrics[k] for k in ("entries", "dim", "index_bytes")}
+    # the reward model as the retriever, recomputed here in numpy: top-k by cosine, softmax(s/tau)-weighted soft labels
+    sp, val = params_for_index.student, read_jsonl(paths.split_file("cb", "validation"))
+    sims = Classifier.load(paths.teacher("cb")).embed(val) @ emb.T
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :sp.retrieval_top_k]
+    w = np.exp(np.take_along_axis(sims, top, 1) / sp.retrieval_tau)
+    proba = np.einsum("qk,qkc->qc", w / w.sum(1, keepdims=True), store.soft_labels(entries)[top])
+    want = float(np.mean(proba.argmax(1) == np.array([r["label"] for r in val])))
+    assert math.isclose(metrics["rm_retrieval"]["accuracy"], want)
+    assert read_json(paths.metrics("cb", "index")) == {k: metrics[k] for k in ("entries", "dim", "index_bytes",
+                                                                                "rm_retrieval")}
 
 
 @pytest.fixture

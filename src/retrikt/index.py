@@ -5,8 +5,13 @@ Reads ``data/store/<task>/entries.jsonl`` and the teacher (``models/<task>/teach
 folder and weights sha256, the entries' sha256, kind, dim, count) and ``embeddings.npy`` (the
 reward model's entry embeddings, which the retrieval student's training targets are built from).
 
-Metrics: ``entries``, ``dim``, ``index_bytes`` (the folder on disk) and, for approximate kinds,
-``recall_at_k`` against exact search. Timings (``run.set_timings``): ``embed_seconds``,
+Metrics: ``entries``, ``dim``, ``index_bytes`` (the folder on disk), for approximate kinds
+``recall_at_k`` against exact search, and ``rm_retrieval`` — the task's metrics of the reward model
+*used as the retriever*: its own embedding of each validation input, its top ``student.retrieval_top_k``
+entries of this index, their soft labels aggregated at ``student.retrieval_tau`` — exactly how a
+``retrikt`` student predicts, with the reward model's embeddings in place of the student's. A student
+trained to imitate the reward model's similarities approaches this, so it is the store's ceiling for
+retrieval (a diagnostic: nothing downstream reads it). Timings (``run.set_timings``): ``embed_seconds``,
 ``build_seconds``, ``query_ms`` (mean single-query FAISS search over the validation examples,
 ``k = student.retrieval_candidates``).
 """
@@ -24,6 +29,7 @@ from retrikt.io import read_jsonl
 from retrikt.models import sha256_file
 from retrikt.params import Params
 from retrikt.progress import bar
+from retrikt.retrieval import retrieval_proba
 from retrikt.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -67,9 +73,14 @@ def index(params: Params, task_name: str, run) -> dict:
     store.save_index(out_dir, idx, [e["id"] for e in entries], meta, embeddings=emb)
     log.info("indexed %d store entries (%s, dim %d) into %s", idx.ntotal, ip.type, idx.d, out_dir)
 
-    queries = teacher.embed(read_jsonl(paths.split_file(task.name, "validation")))
+    validation = read_jsonl(paths.split_file(task.name, "validation"))
+    queries = teacher.embed(validation)
     k = min(params.student.retrieval_candidates, idx.ntotal)
     metrics = {"entries": int(idx.ntotal), "dim": int(idx.d), "index_bytes": store.dir_bytes(out_dir)}
+    sp = params.student
+    proba = retrieval_proba(queries, idx, np.asarray([e["id"] for e in entries]), store.soft_labels(entries),
+                            min(sp.retrieval_top_k, idx.ntotal), sp.retrieval_tau)[0]
+    metrics["rm_retrieval"] = task.compute_metrics([r["label"] for r in validation], proba.argmax(1).tolist())
     if ip.type != "flat":
         metrics["recall_at_k"] = recall_at_k(idx, emb, queries, k)
     timings = {"embed_seconds": embed_seconds, "build_seconds": build_seconds,

@@ -73,11 +73,18 @@ def _size_section(t: Mapping[str, Any], size: str, s: Mapping[str, Any], conf: f
     if t.get("majority"):
         maj = t["majority"]
         rows.append([f"majority class ({maj['label']})", *(fmt(maj["metrics"][k]) for k in t["metrics"]), "–"])
+    ceiling = (t.get("index") or {}).get("rm_retrieval")
+    if ceiling:  # the index stage's diagnostic: what retrieval with the reward model's own embeddings reaches
+        rows.append(["reward model as the retriever (RetriKT's ceiling)",
+                     *(fmt(ceiling.get(k)) for k in t["metrics"]), "–"])
     for m, r in s["rows"].items():
         rows.append([m, *(fmt_ms(r["metrics"][k]) for k in t["metrics"]), fmt(r.get("gap_closed"), 3)])
     lines += table(["model", *t["metrics"], f"gap closed ({primary})"], rows)
     lines += [f"Gap closed = (model − finetune) / (teacher − finetune) on {primary}: 0 = fine-tuning, "
-              "1 = the teacher; – when the teacher is not better than fine-tuning (no gap to close).", ""]
+              "1 = the teacher; – when the teacher is not better than fine-tuning (no gap to close)."
+              + (" The reward model as the retriever: its own embeddings search the store and the top-k soft "
+                 "labels are aggregated as RetriKT does; a student imitating its similarities approaches it."
+                 if ceiling else ""), ""]
     best = s["best_baseline"]
     comp_rows = [[f"RetriKT − best baseline ({best})" if best else "RetriKT − best baseline",
                   *_comparison_cells(s["comparison"])],

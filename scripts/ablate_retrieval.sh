@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The retrieval student's ablation on an oracle store (README "The retrieval student"), re-made:
+#   bash scripts/ablate_retrieval.sh OUT_DIR [TASK] [TRAIN_LIMIT]      (defaults: sst2 250; ~25 min, 2 cores)
+# In a throw-away clone of this checkout (OUT_DIR/work) it sets tasks=[TASK], data.train_limit and
+# generate.source=oracle, runs the stages up to `index` once (prepare, teacher, oracle store, index:
+# no LLM), then trains the `retrikt` student once per variant below with the same CLI command the
+# train_store_student stage runs, each variant's params written into that clone's params.yaml.
+# Every variant's metrics land in OUT_DIR/<variant>.json and one line each in OUT_DIR/results.tsv.
+# Uses this checkout's .venv (`bash scripts/run.sh test` or `repro` builds it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: bash scripts/ablate_retrieval.sh OUT_DIR [TASK] [TRAIN_LIMIT]}
+task=${2:-sst2}
+limit=${3:-250}
+repo=$PWD
+[ -x .venv/bin/retrikt ] || { echo "no .venv here: run 'bash scripts/run.sh test' once first" >&2; exit 2; }
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+work="$out/work"
+rm -rf "$work"
+git clone -q "$repo" "$work"
+export PATH="$repo/.venv/bin:$PATH" PYTHONPATH="$work/src" HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 \
+       MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false
+cd "$work"
+
+set_params() {  # key=value ... (dotted keys, YAML values) into params.yaml, from a pristine copy
+  python - "$@" <<'EOF'
+import sys, yaml
+p = yaml.safe_load(open("params.base.yaml"))
+for kv in sys.argv[1:]:
+    key, value = kv.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = p
+    for k in parents:
+        node = node[k]
+    node[leaf] = yaml.safe_load(value)
+yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
+EOF
+  retrikt check-params --out data/params.ok >/dev/null
+}
+
+cp params.yaml params.base.yaml
+set_params "tasks=[$task]" "data.train_limit=$limit" "generate.source=oracle"
+cp params.yaml params.base.yaml
+for step in "resolve-model encoder" "resolve-model generator" "prepare $task" "teacher $task" \
+            "generate $task" "index $task"; do
+  echo "== retrikt $step" >&2
+  retrikt $step >"$out/setup.log" 2>&1 || { tail -5 "$out/setup.log" >&2; exit 1; }
+done
+
+# name layers seed overrides...
+variants=(
+  "R0-L2-s0 2 0 student.retrieval_negatives=0"
+  "R0-L2-s1 2 1 student.retrieval_negatives=0"
+  "R0-L2-s2 2 2 student.retrieval_negatives=0"
+  "R64-L2-s0 2 0 student.retrieval_negatives=64"
+  "R256-L2-s0 2 0 student.retrieval_negatives=256"
+  "R256-L2-s1 2 1 student.retrieval_negatives=256"
+  "R256-L2-s2 2 2 student.retrieval_negatives=256"
+  "R1024-L2-s0 2 0 student.retrieval_negatives=1024"
+  "R0-L4-s0 4 0 student.retrieval_negatives=0"
+  "R256-L4-s0 4 0 student.retrieval_negatives=256"
+  "R256-trainq-L2-s0 2 0 student.retrieval_negatives=256 student.retrieval_queries=train"
+  "R256-ce1-L2-s0 2 0 student.retrieval_negatives=256 student.retrieval_ce_weight=1.0"
+  "R0-3ep-L2-s0 2 0 student.retrieval_negatives=0 student.store_epochs=3"
+)
+printf "variant\tlayers\tseed\toverrides\taccuracy\tseconds\n" > "$out/results.tsv"
+for v in "${variants[@]}"; do
+  read -r name layers seed overrides <<<"$v"
+  set_params $overrides
+  echo "== $name ($overrides)" >&2
+  start=$(date +%s)
+  retrikt train-student "$task" retrikt "$layers" "$seed" >"$out/$name.log" 2>&1 \
+    || { tail -5 "$out/$name.log" >&2; exit 1; }
+  cp "reports/metrics/$task/students/retrikt-L$layers-s$seed.json" "$out/$name.json"
+  acc=$(python -c "import json,sys; print(round(json.load(open(sys.argv[1]))['accuracy'], 4))" "$out/$name.json")
+  printf "%s\t%s\t%s\t%s\t%s\t%s\n" "$name" "$layers" "$seed" "$overrides" "$acc" "$(( $(date +%s) - start ))" \
+    | tee -a "$out/results.tsv"
+done
+cp "reports/metrics/$task/teacher.json" "$out/teacher.json"
+cp "reports/metrics/$task/generate.json" "$out/generate.json"
+# the ceiling of a student that imitates the reward model's similarities: the reward model itself as
+# the retriever (its own embeddings of validation vs its store embeddings, top-k soft labels aggregated)
+python - "$task" "$out/teacher_retrieval.json" <<'EOF2'
+import json, sys
+import numpy as np
+from retrikt import paths, store
+from retrikt.classifier import Classifier
+from retrikt.io import read_jsonl
+from retrikt.params import load_params
+from retrikt.retrieval import retrieval_proba
+task, dest = sys.argv[1:]
+sp = load_params("params.base.yaml").student
+teacher = Classifier.load(paths.teacher(task))
+val = read_jsonl(paths.split_file(task, "validation"))
+entries = store.load_entries(task)
+index = store.build_index(store.load_embeddings(paths.index(task)), "flat")
+proba = retrieval_proba(teacher.embed(val), index, np.arange(len(entries)), store.soft_labels(entries),
+                        sp.retrieval_top_k, sp.retrieval_tau)[0]
+gold = np.array([r["label"] for r in val])
+out = {"accuracy": float((proba.argmax(1) == gold).mean()), "top_k": sp.retrieval_top_k, "tau": sp.retrieval_tau,
+       "classifier_accuracy": float((teacher.predict_proba(val).argmax(1) == gold).mean())}
+json.dump(out, open(dest, "w"), indent=2)
+print("reward model as the retriever:", out)
+EOF2
