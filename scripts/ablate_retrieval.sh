@@ -40,7 +40,10 @@ EOF
 }
 
 cp params.yaml params.base.yaml
-set_params "tasks=[$task]" "data.train_limit=$limit" "generate.source=oracle"
+# a relative data.mirror_dir is relative to this checkout, not to the clone
+mirror=$(python -c "import os, sys, yaml; m = yaml.safe_load(open(sys.argv[1]))['data']['mirror_dir']
+print(os.path.abspath(os.path.join(sys.argv[2], m)) if m else '')" "$repo/params.yaml" "$repo")
+set_params "tasks=[$task]" "data.train_limit=$limit" "generate.source=oracle" ${mirror:+"data.mirror_dir=$mirror"}
 cp params.yaml params.base.yaml
 for step in "resolve-model encoder" "resolve-model generator" "prepare $task" "teacher $task" \
             "generate $task" "index $task"; do
