@@ -6,6 +6,7 @@
 # no LLM), then trains the `retrikt` student once per variant below with the same CLI command the
 # train_store_student stage runs, each variant's params written into that clone's params.yaml.
 # Every variant's metrics land in OUT_DIR/<variant>.json and one line each in OUT_DIR/results.tsv.
+# Also copied: the teacher, generate and index metrics (index.json: rm_retrieval, the retrieval ceiling).
 # Uses this checkout's .venv (`bash scripts/run.sh test` or `repro` builds it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -82,27 +83,8 @@ for v in "${variants[@]}"; do
 done
 cp "reports/metrics/$task/teacher.json" "$out/teacher.json"
 cp "reports/metrics/$task/generate.json" "$out/generate.json"
-# the ceiling of a student that imitates the reward model's similarities: the reward model itself as
-# the retriever (its own embeddings of validation vs its store embeddings, top-k soft labels aggregated)
-python - "$task" "$out/teacher_retrieval.json" <<'EOF2'
-import json, sys
-import numpy as np
-from retrikt import paths, store
-from retrikt.classifier import Classifier
-from retrikt.io import read_jsonl
-from retrikt.params import load_params
-from retrikt.retrieval import retrieval_proba
-task, dest = sys.argv[1:]
-sp = load_params("params.base.yaml").student
-teacher = Classifier.load(paths.teacher(task))
-val = read_jsonl(paths.split_file(task, "validation"))
-entries = store.load_entries(task)
-index = store.build_index(store.load_embeddings(paths.index(task)), "flat")
-proba = retrieval_proba(teacher.embed(val), index, np.arange(len(entries)), store.soft_labels(entries),
-                        sp.retrieval_top_k, sp.retrieval_tau)[0]
-gold = np.array([r["label"] for r in val])
-out = {"accuracy": float((proba.argmax(1) == gold).mean()), "top_k": sp.retrieval_top_k, "tau": sp.retrieval_tau,
-       "classifier_accuracy": float((teacher.predict_proba(val).argmax(1) == gold).mean())}
-json.dump(out, open(dest, "w"), indent=2)
-print("reward model as the retriever:", out)
-EOF2
+# index.json carries rm_retrieval: the reward model itself as the retriever, the ceiling of a student
+# that imitates its similarities (computed by the index stage)
+cp "reports/metrics/$task/index.json" "$out/index.json"
+python -c "import json, sys; print('reward model as the retriever:', json.load(open(sys.argv[1]))['rm_retrieval'])" \
+  "$out/index.json"
