@@ -24,7 +24,8 @@ from retrikt.io import atomic_write_json, read_json, write_jsonl
 from retrikt.params import parse_params
 from retrikt.paths import HEADLINE_METRICS as METRICS_JSON, RESULTS_JSON, RESULTS_MD
 from retrikt.report.markdown import render_markdown
-from retrikt.report.stats import gap_closed, majority_class, mean_std, paired_bootstrap, ppo_before_after
+from retrikt.report.stats import (Comparison, gap_closed, majority_class, mean_std, paired_bootstrap, pooled_bootstrap,
+                                  ppo_before_after, sign_test)
 from retrikt.tasks import get_task
 
 from .conftest import REPO
@@ -329,6 +330,43 @@ def test_bootstrap_two_examples_by_hand():
     # averaging over seeds: B's second seed is right on row 1 only -> B scores 0.5 on every resample
     res = _boot([0, 1], [[0, 1]], [[0, 0], [1, 1]], samples=2000)
     assert res.estimate == 0.5 and (res.ci_low, res.ci_high) == (0.5, 0.5) and res.p_value == pytest.approx(2 / 2001)
+
+
+def _part(y, a, b):
+    return Comparison(CB, np.array(y), [np.array(x) for x in a], [np.array(x) for x in b], "accuracy")
+
+
+def test_pooled_bootstrap_one_task_is_the_paired_bootstrap():
+    y = np.array(GOLD)
+    a, b = [_preds(3), _preds(7)], [_preds(12), _preds(10)]
+    one = pooled_bootstrap([_part(y, a, b)], samples=500, confidence=0.95, rng=np.random.default_rng(4))
+    assert one == _boot(y, a, b, samples=500, seed=4)
+
+
+def test_pooled_bootstrap_by_hand():
+    # task 1: A right everywhere, B wrong everywhere -> delta 1 on every resample; task 2: A = B -> 0.
+    # The equal-weight mean is 0.5 on every resample: CI [0.5, 0.5], no resample <= 0 -> p = 2 / (B + 1).
+    y = np.array(GOLD)
+    wrong = (y + 1) % 3
+    parts = [_part(y, [y], [wrong]), _part([0, 1, 2, 0], [[0, 1, 1, 0]], [[0, 1, 1, 0]])]
+    res = pooled_bootstrap(parts, samples=999, confidence=0.95, rng=np.random.default_rng(0))
+    assert (res.estimate, res.ci_low, res.ci_high) == (0.5, 0.5, 0.5)
+    assert res.p_value == pytest.approx(2 / 1000) and res.examples == len(GOLD) + 4
+    # a task whose sign flips: 1 and -1 average to 0 -> the pooled estimate is 0, p = 1
+    flip = [_part(y, [y], [wrong]), _part(y, [wrong], [y])]
+    res = pooled_bootstrap(flip, samples=200, confidence=0.95, rng=np.random.default_rng(0))
+    assert (res.estimate, res.ci_low, res.ci_high, res.p_value) == (0.0, 0.0, 0.0, 1.0)
+    with pytest.raises(ValueError):
+        pooled_bootstrap([], samples=10, confidence=0.95, rng=np.random.default_rng(0))
+
+
+def test_sign_test_by_hand():
+    # 4 of 4 tasks won: P(X <= 0) = 1/16, two-sided 2/16
+    assert sign_test([0.1, 0.2, 0.05, 0.3]) == {"positive": 4, "negative": 0, "ties": 0, "p_value": 0.125}
+    # 2 won, 1 lost, 1 tie (dropped): n = 3, 2 * P(X <= 1) = 2 * (1 + 3) / 8 = 1
+    assert sign_test([0.1, -0.2, 0.3, 0.0]) == {"positive": 2, "negative": 1, "ties": 1, "p_value": 1.0}
+    assert sign_test([-0.1] * 6)["p_value"] == 2 / 64
+    assert sign_test([])["p_value"] == 1.0
 
 
 def test_ppo_before_after_forms():

@@ -9,6 +9,8 @@ and, for resamples, :meth:`Task.metric_on_rows`, the same arithmetic).
   metric of that seed's predictions, and the statistic is A's score minus B's. The CI is the percentile
   interval at ``confidence``; the two-sided p-value is
   ``min(1, 2 * min(#{d* <= 0} + 1, #{d* >= 0} + 1) / (B + 1))``.
+* Across tasks (``pooled_bootstrap``): the same, resampling each task's rows within the task and
+  averaging the per-task differences with equal weight; ``sign_test`` counts the tasks A wins.
 * Majority class: the most frequent label of the train split (ties: the lowest class id), predicted for
   every validation example.
 * Gap closed: ``(student - finetune) / (teacher - finetune)`` on the primary metric: 0 = no better than
@@ -63,13 +65,9 @@ class Bootstrap:
                 "samples": self.samples, "confidence": self.confidence, "examples": self.examples}
 
 
-def paired_bootstrap(task: Task, labels: np.ndarray, preds_a: Sequence[np.ndarray], preds_b: Sequence[np.ndarray],
-                     metric: str, *, samples: int, confidence: float, rng: np.random.Generator) -> Bootstrap:
-    """Bootstrap CI and two-sided p-value of (mean over seeds of metric(a)) - (same for b).
-
-    ``preds_a``/``preds_b`` hold one prediction array per seed, aligned with ``labels``; every
-    resample draws ``len(labels)`` example indices with replacement and scores both methods on them.
-    """
+def _deltas(task: Task, labels: np.ndarray, preds_a: Sequence[np.ndarray], preds_b: Sequence[np.ndarray],
+            metric: str, samples: int, rng: np.random.Generator) -> tuple[float, np.ndarray]:
+    """(score(a) - score(b) on all rows, the same on ``samples`` paired resamples of the rows)."""
     labels = np.asarray(labels, dtype=np.int64)
     n = len(labels)
     if n == 0 or not preds_a or not preds_b:
@@ -82,12 +80,65 @@ def paired_bootstrap(task: Task, labels: np.ndarray, preds_a: Sequence[np.ndarra
 
     full = np.arange(n)[None]
     estimate = float((mean_score(preds_a, full) - mean_score(preds_b, full))[0])
-    deltas = mean_score(preds_a, rows) - mean_score(preds_b, rows)
+    return estimate, mean_score(preds_a, rows) - mean_score(preds_b, rows)
+
+
+def _summarise(estimate: float, deltas: np.ndarray, samples: int, confidence: float, examples: int) -> Bootstrap:
     tail = 50.0 * (1.0 - confidence)
     low, high = np.percentile(deltas, [tail, 100.0 - tail])
     extreme = min(int((deltas <= 0).sum()), int((deltas >= 0).sum())) + 1
     p_value = min(1.0, 2.0 * extreme / (samples + 1))
-    return Bootstrap(estimate, float(low), float(high), p_value, samples, confidence, n)
+    return Bootstrap(estimate, float(low), float(high), p_value, samples, confidence, examples)
+
+
+def paired_bootstrap(task: Task, labels: np.ndarray, preds_a: Sequence[np.ndarray], preds_b: Sequence[np.ndarray],
+                     metric: str, *, samples: int, confidence: float, rng: np.random.Generator) -> Bootstrap:
+    """Bootstrap CI and two-sided p-value of (mean over seeds of metric(a)) - (same for b).
+
+    ``preds_a``/``preds_b`` hold one prediction array per seed, aligned with ``labels``; every
+    resample draws ``len(labels)`` example indices with replacement and scores both methods on them.
+    """
+    estimate, deltas = _deltas(task, labels, preds_a, preds_b, metric, samples, rng)
+    return _summarise(estimate, deltas, samples, confidence, len(labels))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One task's side of a pooled comparison: A's and B's predictions per seed on its validation rows."""
+
+    task: Task
+    labels: np.ndarray
+    preds_a: Sequence[np.ndarray]
+    preds_b: Sequence[np.ndarray]
+    metric: str
+
+
+def pooled_bootstrap(parts: Sequence[Comparison], *, samples: int, confidence: float,
+                     rng: np.random.Generator) -> Bootstrap:
+    """Paired bootstrap of the mean over tasks of (score(a) - score(b)), stratified by task.
+
+    Each resample draws every task's validation rows with replacement *within that task* (in the order
+    of ``parts``, from the one ``rng``) and averages the per-task differences with equal weight, the
+    way a table's "average" column weighs tasks. One part gives exactly :func:`paired_bootstrap`.
+    """
+    if not parts:
+        raise ValueError("pooled_bootstrap: no tasks")
+    per_task = [_deltas(c.task, c.labels, c.preds_a, c.preds_b, c.metric, samples, rng) for c in parts]
+    estimate = float(np.mean([e for e, _ in per_task]))
+    deltas = np.mean([d for _, d in per_task], axis=0)
+    return _summarise(estimate, deltas, samples, confidence, sum(len(c.labels) for c in parts))
+
+
+def sign_test(deltas: Sequence[float]) -> dict[str, Any]:
+    """Exact two-sided sign test over per-task differences (ties dropped): under H0 each non-zero
+    difference is positive with probability 1/2; ``p = min(1, 2 * P(X <= min(pos, neg)))``, X ~ Bin(n, 1/2)."""
+    from math import comb
+
+    pos = sum(1 for d in deltas if d > 0)
+    neg = sum(1 for d in deltas if d < 0)
+    n = pos + neg
+    p_value = 1.0 if n == 0 else min(1.0, 2.0 * sum(comb(n, k) for k in range(min(pos, neg) + 1)) / 2 ** n)
+    return {"positive": pos, "negative": neg, "ties": len(deltas) - n, "p_value": p_value}
 
 
 def best_baseline(rows: Mapping[str, Mapping[str, Any]], primary: str, baselines: Sequence[str]) -> str | None:

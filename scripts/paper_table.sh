@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The paper's table, one task per call (README "The paper's table"):
+#   bash scripts/paper_table.sh TASK [TRAIN_LIMIT] [SEEDS]     (defaults: 250 and 0,1,2; ~1.5 h per task here)
+# In a throw-away clone of this checkout ($RETRIKT_TABLE_WORK, default /tmp/retrikt-table/TASK) it runs the
+# whole DAG once as one DVC experiment, every default but
+#   dvc exp run -S 'tasks=[TASK]' -S data.train_limit=TRAIN_LIMIT -S 'seeds=[SEEDS]'
+# (the store stages once, the 12 students per seed), then copies the task's reports into
+# reports/experiments/table/TASK/ and rebuilds reports/experiments/table/table.{md,json} over every task
+# collected so far (scripts/paper_table.py). Commit that folder after each task: a fresh machine has no
+# DVC cache or experiment refs. Uses this checkout's .venv (`bash scripts/run.sh test` or `repro` builds it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+task=${1:?usage: bash scripts/paper_table.sh TASK [TRAIN_LIMIT] [SEEDS]}
+limit=${2:-250}
+seeds=${3:-0,1,2}
+repo=$PWD
+[ -x .venv/bin/retrikt ] || { echo "no .venv here: run 'bash scripts/run.sh test' once first" >&2; exit 2; }
+work=${RETRIKT_TABLE_WORK:-/tmp/retrikt-table}/$task
+export PATH="$repo/.venv/bin:$PATH" HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true \
+       TOKENIZERS_PARALLELISM=false GIT_PYTHON_REFRESH=quiet
+# a relative data.mirror_dir is relative to this checkout, not to the clone
+mirror=$(python -c "import os, sys, yaml; m = yaml.safe_load(open(sys.argv[1]))['data']['mirror_dir']
+print(os.path.abspath(os.path.join(sys.argv[2], m)) if m else '')" params.yaml "$repo")
+# validate the overrides before the clone and the hours of compute
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+python - params.yaml "$tmp/params.yaml" "$task" "$limit" "$seeds" <<'EOF'
+import sys, yaml
+src, dst, task, limit, seeds = sys.argv[1:]
+p = yaml.safe_load(open(src))
+p["tasks"], p["data"]["train_limit"], p["seeds"] = [task], yaml.safe_load(limit), [int(s) for s in seeds.split(",")]
+yaml.safe_dump(p, open(dst, "w"), sort_keys=False)
+EOF
+(cd "$tmp" && PYTHONPATH="$repo/src" retrikt check-params --params params.yaml --out ok >/dev/null) \
+  || { echo "paper_table: the overrides for $task do not validate (above)" >&2; exit 2; }
+
+rm -rf "$work"
+mkdir -p "$(dirname "$work")"
+git clone -q "$repo" "$work"
+cd "$work"
+start=$(date +%s)
+dvc exp run -S "tasks=[$task]" -S "data.train_limit=$limit" -S "seeds=[$seeds]" ${mirror:+-S "data.mirror_dir=$mirror"}
+end=$(date +%s)
+cd "$repo"
+python scripts/paper_table.py collect "$work" "$task" --started "$start" --ended "$end"
+python scripts/paper_table.py table
