@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Which tasks can the default teacher learn at a train_limit? (README "The paper's table": a task belongs in
+# the table only if its teacher clearly beats the majority class)
+#   bash scripts/probe_teachers.sh OUT_DIR LIMIT TASK...      (~1-3 min per task at 250 rows, 2 cores)
+# In a throw-away clone of this checkout (OUT_DIR/work) it runs `prepare` and `teacher` per task with
+# tasks=[TASK] and data.train_limit=LIMIT (every other param the default), and writes one line per task to
+# OUT_DIR/teachers.tsv: the primary metric of the teacher and of the majority class on validation, and seconds.
+# Uses this checkout's .venv (`bash scripts/run.sh test` or `repro` builds it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: bash scripts/probe_teachers.sh OUT_DIR LIMIT TASK...}
+limit=${2:?usage: bash scripts/probe_teachers.sh OUT_DIR LIMIT TASK...}
+shift 2
+[ $# -gt 0 ] || { echo "usage: bash scripts/probe_teachers.sh OUT_DIR LIMIT TASK..." >&2; exit 2; }
+repo=$PWD
+[ -x .venv/bin/retrikt ] || { echo "no .venv here: run 'bash scripts/run.sh test' once first" >&2; exit 2; }
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+work="$out/work"
+rm -rf "$work"
+git clone -q "$repo" "$work"
+export PATH="$repo/.venv/bin:$PATH" PYTHONPATH="$work/src" HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 \
+       MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false RETRIKT_MLFLOW=0
+cd "$work"
+# a relative data.mirror_dir is relative to this checkout, not to the clone
+mirror=$(python -c "import os, sys, yaml; m = yaml.safe_load(open(sys.argv[1]))['data']['mirror_dir']
+print(os.path.abspath(os.path.join(sys.argv[2], m)) if m else '')" "$repo/params.yaml" "$repo")
+cp params.yaml params.base.yaml
+retrikt resolve-model encoder >"$out/setup.log" 2>&1 || { tail -5 "$out/setup.log" >&2; exit 1; }
+printf "task\ttrain_limit\tmetric\tteacher\tmajority\tteacher_minus_majority\tseconds\n" > "$out/teachers.tsv"
+for task in "$@"; do
+  python - "$task" "$limit" "$mirror" <<'EOF'
+import sys, yaml
+task, limit, mirror = sys.argv[1:]
+p = yaml.safe_load(open("params.base.yaml"))
+p["tasks"], p["data"]["train_limit"] = [task], yaml.safe_load(limit)
+if mirror:
+    p["data"]["mirror_dir"] = mirror
+yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
+EOF
+  retrikt check-params --out data/params.ok >/dev/null
+  echo "== $task (train_limit $limit)" >&2
+  start=$(date +%s)
+  for step in prepare teacher; do
+    retrikt $step "$task" >"$out/$task.log" 2>&1 || { tail -5 "$out/$task.log" >&2; exit 1; }
+  done
+  python - "$task" "$limit" "$(( $(date +%s) - start ))" >>"$out/teachers.tsv" <<'EOF'
+import sys
+import numpy as np
+from retrikt import paths
+from retrikt.io import read_json, read_jsonl
+from retrikt.report.stats import majority_class
+from retrikt.tasks import get_task
+name, limit, seconds = sys.argv[1:]
+task = get_task(name)
+metric = task.metrics[0]
+teacher = read_json(paths.metrics(name, "teacher"))[metric]
+train = read_jsonl(paths.split_file(name, "train"))
+val = [r["label"] for r in read_jsonl(paths.split_file(name, "validation"))]
+cls = majority_class([r["label"] for r in train], task.num_labels)
+majority = task.compute_metrics(val, np.full(len(val), cls))[metric]
+print(f"{name}\t{limit}\t{metric}\t{teacher:.4f}\t{majority:.4f}\t{teacher - majority:+.4f}\t{seconds}")
+EOF
+  tail -1 "$out/teachers.tsv" >&2
+done
