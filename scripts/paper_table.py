@@ -106,7 +106,8 @@ def _preds(task_dir: Path, task, method: str, layers: int, seeds: list[int]) -> 
             for s in seeds]
 
 
-def table(root: Path, samples: int, confidence: float, seed: int) -> tuple[dict, str]:
+def table(root: Path, samples: int, confidence: float, seed: int,
+          title: str = "The paper's table, re-made") -> tuple[dict, str]:
     tasks = sorted(p.parent.name for p in root.glob("*/results.json"))
     if not tasks:
         sys.exit(f"paper_table: no task under {root} (run bash scripts/paper_table.sh TASK first)")
@@ -152,14 +153,14 @@ def table(root: Path, samples: int, confidence: float, seed: int) -> tuple[dict,
     out = {"tasks": tasks, "rows": rows, "pooled": pooled, "stores": stores, "run_hours": hours,
            "bootstrap": {"samples": samples, "confidence": confidence, "seed": seed,
                          "unit": "validation examples, resampled within each task; tasks weighted equally"}}
-    return out, render(out)
+    return out, render(out, title)
 
 
-def render(t: dict) -> str:
+def render(t: dict, title: str = "The paper's table, re-made") -> str:
     methods = [m for m in METHODS if all(m in e["methods"] for e in t["rows"])]
     head = "| task (train / val) | L | teacher | majority | " + " | ".join(methods) + \
         " | RetriKT − best baseline [95 % CI] (p) | RetriKT − RetriKT-KD [95 % CI] (p) |"
-    lines = ["# The paper's table, re-made", "",
+    lines = [f"# {title}", "",
              "Primary metric of each task on its validation split, mean ± std over seeds "
              "(`bash scripts/paper_table.sh TASK`; each task's reports are in its folder here). "
              "Best baseline: the highest mean among " + ", ".join(BASELINES) + " (chosen on the same validation "
@@ -211,11 +212,12 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--samples", type=int, default=1000)
     t.add_argument("--confidence", type=float, default=0.95)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--title", default="The paper's table, re-made")
     args = ap.parse_args(argv)
     if args.cmd == "collect":
         print(collect(args.clone, args.task, args.started, args.ended, args.root))
         return
-    out, md = table(args.root, args.samples, args.confidence, args.seed)
+    out, md = table(args.root, args.samples, args.confidence, args.seed, args.title)
     atomic_write_json(args.root / "table.json", out)
     atomic_write_text(args.root / "table.md", md)
     print(md)
