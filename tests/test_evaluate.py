@@ -24,8 +24,16 @@ from retrikt.io import atomic_write_json, read_json, write_jsonl
 from retrikt.params import parse_params
 from retrikt.paths import HEADLINE_METRICS as METRICS_JSON, RESULTS_JSON, RESULTS_MD
 from retrikt.report.markdown import render_markdown
-from retrikt.report.stats import (Comparison, gap_closed, majority_class, mean_std, paired_bootstrap, pooled_bootstrap,
-                                  ppo_before_after, sign_test)
+from retrikt.report.stats import (
+    Comparison,
+    gap_closed,
+    majority_class,
+    mean_std,
+    paired_bootstrap,
+    pooled_bootstrap,
+    ppo_before_after,
+    sign_test,
+)
 from retrikt.tasks import get_task
 
 from .conftest import REPO
