@@ -13,37 +13,20 @@ cd "$(dirname "$0")/.."
 out=${1:?usage: bash scripts/ablate_retrieval.sh OUT_DIR [TASK] [TRAIN_LIMIT]}
 task=${2:-sst2}
 limit=${3:-250}
-repo=$PWD
-[ -x .venv/bin/retrikt ] || { echo "no .venv here: run 'bash scripts/run.sh test' once first" >&2; exit 2; }
+source scripts/experiment-lib.sh
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 work="$out/work"
-rm -rf "$work"
-git clone -q "$repo" "$work"
-export PATH="$repo/.venv/bin:$PATH" PYTHONPATH="$work/src" HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 \
-       MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false
+fresh_clone "$work"
+export PYTHONPATH="$work/src"
 cd "$work"
 
 set_params() {  # key=value ... (dotted keys, YAML values) into params.yaml, from a pristine copy
-  python - "$@" <<'EOF'
-import sys, yaml
-p = yaml.safe_load(open("params.base.yaml"))
-for kv in sys.argv[1:]:
-    key, value = kv.split("=", 1)
-    *parents, leaf = key.split(".")
-    node = p
-    for k in parents:
-        node = node[k]
-    node[leaf] = yaml.safe_load(value)
-yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
-EOF
+  write_params params.base.yaml params.yaml "$@"
   retrikt check-params --out data/params.ok >/dev/null
 }
 
 cp params.yaml params.base.yaml
-# a relative data.mirror_dir is relative to this checkout, not to the clone
-mirror=$(python -c "import os, sys, yaml; m = yaml.safe_load(open(sys.argv[1]))['data']['mirror_dir']
-print(os.path.abspath(os.path.join(sys.argv[2], m)) if m else '')" "$repo/params.yaml" "$repo")
 set_params "tasks=[$task]" "data.train_limit=$limit" "generate.source=oracle" ${mirror:+"data.mirror_dir=$mirror"}
 cp params.yaml params.base.yaml
 for step in "resolve-model encoder" "resolve-model generator" "prepare $task" "teacher $task" \

@@ -35,6 +35,7 @@ from retrikt.tasks import get_task
 
 ROOT = Path("reports/experiments/table")
 PROPOSED, STORE_KD = "retrikt", "retrikt_kd"
+TITLE = "The paper's table, re-made"
 STORE_KEYS = ("samples", "size", "parse_rate", "finished_rate", "eos_rate", "truncated_in_store", "max_new_tokens",
               "teacher_agreement", "self_bleu", "self_bleu_train")
 
@@ -107,7 +108,7 @@ def _preds(task_dir: Path, task, method: str, layers: int, seeds: list[int]) -> 
 
 
 def table(root: Path, samples: int, confidence: float, seed: int,
-          title: str = "The paper's table, re-made") -> tuple[dict, str]:
+          title: str = TITLE) -> tuple[dict, str]:
     tasks = sorted(p.parent.name for p in root.glob("*/results.json"))
     if not tasks:
         sys.exit(f"paper_table: no task under {root} (run bash scripts/paper_table.sh TASK first)")
@@ -156,7 +157,7 @@ def table(root: Path, samples: int, confidence: float, seed: int,
     return out, render(out, title)
 
 
-def render(t: dict, title: str = "The paper's table, re-made") -> str:
+def render(t: dict, title: str = TITLE) -> str:
     methods = [m for m in METHODS if all(m in e["methods"] for e in t["rows"])]
     head = "| task (train / val) | L | teacher | majority | " + " | ".join(methods) + \
         " | RetriKT − best baseline [95 % CI] (p) | RetriKT − RetriKT-KD [95 % CI] (p) |"
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--samples", type=int, default=1000)
     t.add_argument("--confidence", type=float, default=0.95)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--title", default="The paper's table, re-made")
+    t.add_argument("--title", default=TITLE)
     args = ap.parse_args(argv)
     if args.cmd == "collect":
         print(collect(args.clone, args.task, args.started, args.ended, args.root))

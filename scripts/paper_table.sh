@@ -13,30 +13,16 @@ cd "$(dirname "$0")/.."
 task=${1:?usage: bash scripts/paper_table.sh TASK [TRAIN_LIMIT] [SEEDS]}
 limit=${2:-250}
 seeds=${3:-0,1,2}
-repo=$PWD
-[ -x .venv/bin/retrikt ] || { echo "no .venv here: run 'bash scripts/run.sh test' once first" >&2; exit 2; }
+source scripts/experiment-lib.sh
 work=${RETRIKT_TABLE_WORK:-/tmp/retrikt-table}/$task
-export PATH="$repo/.venv/bin:$PATH" HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true \
-       TOKENIZERS_PARALLELISM=false GIT_PYTHON_REFRESH=quiet
-# a relative data.mirror_dir is relative to this checkout, not to the clone
-mirror=$(python -c "import os, sys, yaml; m = yaml.safe_load(open(sys.argv[1]))['data']['mirror_dir']
-print(os.path.abspath(os.path.join(sys.argv[2], m)) if m else '')" params.yaml "$repo")
 # validate the overrides before the clone and the hours of compute
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-python - params.yaml "$tmp/params.yaml" "$task" "$limit" "$seeds" <<'EOF'
-import sys, yaml
-src, dst, task, limit, seeds = sys.argv[1:]
-p = yaml.safe_load(open(src))
-p["tasks"], p["data"]["train_limit"], p["seeds"] = [task], yaml.safe_load(limit), [int(s) for s in seeds.split(",")]
-yaml.safe_dump(p, open(dst, "w"), sort_keys=False)
-EOF
+write_params params.yaml "$tmp/params.yaml" "tasks=[$task]" "data.train_limit=$limit" "seeds=[$seeds]"
 (cd "$tmp" && PYTHONPATH="$repo/src" retrikt check-params --params params.yaml --out ok >/dev/null) \
   || { echo "paper_table: the overrides for $task do not validate (above)" >&2; exit 2; }
 
-rm -rf "$work"
-mkdir -p "$(dirname "$work")"
-git clone -q "$repo" "$work"
+fresh_clone "$work"
 cd "$work"
 start=$(date +%s)
 dvc exp run -S "tasks=[$task]" -S "data.train_limit=$limit" -S "seeds=[$seeds]" ${mirror:+-S "data.mirror_dir=$mirror"}

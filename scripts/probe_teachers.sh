@@ -12,32 +12,19 @@ out=${1:?usage: bash scripts/probe_teachers.sh OUT_DIR LIMIT TASK...}
 limit=${2:?usage: bash scripts/probe_teachers.sh OUT_DIR LIMIT TASK...}
 shift 2
 [ $# -gt 0 ] || { echo "usage: bash scripts/probe_teachers.sh OUT_DIR LIMIT TASK..." >&2; exit 2; }
-repo=$PWD
-[ -x .venv/bin/retrikt ] || { echo "no .venv here: run 'bash scripts/run.sh test' once first" >&2; exit 2; }
+source scripts/experiment-lib.sh
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 work="$out/work"
-rm -rf "$work"
-git clone -q "$repo" "$work"
-export PATH="$repo/.venv/bin:$PATH" PYTHONPATH="$work/src" HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 \
-       MLFLOW_DISABLE_TELEMETRY=true TOKENIZERS_PARALLELISM=false RETRIKT_MLFLOW=0
+fresh_clone "$work"
+export PYTHONPATH="$work/src" RETRIKT_MLFLOW=0
 cd "$work"
-# a relative data.mirror_dir is relative to this checkout, not to the clone
-mirror=$(python -c "import os, sys, yaml; m = yaml.safe_load(open(sys.argv[1]))['data']['mirror_dir']
-print(os.path.abspath(os.path.join(sys.argv[2], m)) if m else '')" "$repo/params.yaml" "$repo")
 cp params.yaml params.base.yaml
 retrikt resolve-model encoder >"$out/setup.log" 2>&1 || { tail -5 "$out/setup.log" >&2; exit 1; }
 printf "task\ttrain_limit\tmetric\tteacher\tmajority\tteacher_minus_majority\tseconds\n" > "$out/teachers.tsv"
 for task in "$@"; do
-  python - "$task" "$limit" "$mirror" <<'EOF'
-import sys, yaml
-task, limit, mirror = sys.argv[1:]
-p = yaml.safe_load(open("params.base.yaml"))
-p["tasks"], p["data"]["train_limit"] = [task], yaml.safe_load(limit)
-if mirror:
-    p["data"]["mirror_dir"] = mirror
-yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
-EOF
+  write_params params.base.yaml params.yaml "tasks=[$task]" "data.train_limit=$limit" \
+    ${mirror:+"data.mirror_dir=$mirror"}
   retrikt check-params --out data/params.ok >/dev/null
   echo "== $task (train_limit $limit)" >&2
   start=$(date +%s)

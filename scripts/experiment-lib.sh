@@ -1,0 +1,32 @@
+# Shared by the experiment scripts (ablate_retrieval.sh, paper_table.sh, probe_teachers.sh): source it from
+# the checkout's root. It checks the .venv, puts it on PATH with the offline / no-telemetry environment, sets
+# `repo` and `mirror` (data.mirror_dir made absolute: a relative one is relative to this checkout, not to a
+# clone of it), and defines fresh_clone and write_params.
+repo=$PWD
+[ -x .venv/bin/retrikt ] || { echo "no .venv here: run 'bash scripts/run.sh test' once first" >&2; exit 2; }
+export PATH="$repo/.venv/bin:$PATH" HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true \
+       TOKENIZERS_PARALLELISM=false GIT_PYTHON_REFRESH=quiet
+mirror=$(python -c "import os, sys, yaml; m = yaml.safe_load(open(sys.argv[1]))['data']['mirror_dir']
+print(os.path.abspath(os.path.join(sys.argv[2], m)) if m else '')" "$repo/params.yaml" "$repo")
+
+fresh_clone() {  # DIR: a new clone of this checkout's HEAD there (whatever was there is removed)
+  rm -rf "$1"
+  mkdir -p "$(dirname "$1")"
+  git clone -q "$repo" "$1"
+}
+
+write_params() {  # SRC DST key=value ...: SRC with the dotted keys set to the YAML values, written to DST
+  python - "$@" <<'PY'
+import sys, yaml
+src, dst, *pairs = sys.argv[1:]
+p = yaml.safe_load(open(src))
+for kv in pairs:
+    key, value = kv.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = p
+    for k in parents:
+        node = node[k]
+    node[leaf] = yaml.safe_load(value)
+yaml.safe_dump(p, open(dst, "w"), sort_keys=False)
+PY
+}
