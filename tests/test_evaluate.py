@@ -31,7 +31,7 @@ from retrikt.report.stats import (
     mean_std,
     paired_bootstrap,
     pooled_bootstrap,
-    ppo_before_after,
+    rl_before_after,
     sign_test,
 )
 from retrikt.tasks import get_task
@@ -110,11 +110,11 @@ def _write_inputs() -> None:
     atomic_write_json(paths.metrics("cb", "generate"), {
         "size": 180, "parse_rate": 0.94, "duplicate_rate": 0.02, "near_duplicate_rate": 0.05, "self_bleu": 0.31,
         "teacher_agreement": 0.8, "per_label": {"entailment": 60, "contradiction": 60, "neutral": 60}})
-    atomic_write_json(paths.metrics("cb", "ppo"), {"before_confidence": 0.5, "after_confidence": 0.7,
+    atomic_write_json(paths.metrics("cb", "rl"), {"before_confidence": 0.5, "after_confidence": 0.7,
                                                    "before_self_bleu": 0.4, "after_self_bleu": 0.3, "updates": 6})
     atomic_write_json(paths.plot("cb", "teacher_curve"),
                       [{"epoch": e, "train_loss": 1.0 / e, "val_accuracy": 0.5 + 0.1 * e} for e in (1, 2, 3)])
-    atomic_write_json(paths.plot("cb", "ppo_curve"),
+    atomic_write_json(paths.plot("cb", "rl_curve"),
                       [{"update": u, "reward": 0.1 * u, "acc": 0.5, "div": 0.2, "kl": 0.01 * u} for u in (1, 2, 3)])
     atomic_write_json(paths.plot("cb", "student_curve-retrikt-L2-s0"),
                       [{"epoch": e, "train_loss": 1.0 / e, "val_accuracy": 0.6 + 0.1 * e} for e in (1, 2)])
@@ -206,8 +206,8 @@ def test_report_numbers_by_hand(report):
     assert l4["best_baseline"] == "finetune"
     assert l4["comparison"]["bootstrap"]["ci"] == [1.0, 1.0]
     assert l4["comparison"]["bootstrap"]["p_value"] == pytest.approx(2 / 1001, abs=1e-6)
-    # store and PPO, nothing inconsistent, missing curves listed
-    assert cb["store"]["parse_rate"] == 0.94 and cb["ppo"]["before"] == {"confidence": 0.5, "self_bleu": 0.4}
+    # store and RL, nothing inconsistent, missing curves listed
+    assert cb["store"]["parse_rate"] == 0.94 and cb["rl"]["before"] == {"confidence": 0.5, "self_bleu": 0.4}
     assert cb["warnings"] == []
     assert "reports/plots/cb/prompt_tune_curve.json" not in cb["missing"]  # not read
     assert "reports/plots/cb/student_curve-mgskd-L4-s1.json" in cb["missing"]
@@ -243,7 +243,7 @@ def test_markdown_and_figures(report):
     assert "![forest](figures/forest.png)" in md and "![store](figures/cb/store.png)" in md
     figs = report.results["tasks"]["cb"]["figures"]
     names = {p.rsplit("/", 1)[1] for p in figs}
-    assert names == {"methods.png", "cost.png", "confusion.png", "store.png", "ppo.png", "learning_curves.png"}
+    assert names == {"methods.png", "cost.png", "confusion.png", "store.png", "rl.png", "learning_curves.png"}
     assert report.results["figures"] == ["reports/figures/forest.png"]
     for p in [*figs, *report.results["figures"]]:
         data = (report.root / p).read_bytes()
@@ -276,9 +276,9 @@ def test_single_seed_no_rl_and_missing_predictions(synthetic):
     assert l2["best_baseline"] == "mgskd" and l2["comparison"]["bootstrap"] is None
     assert l2["vs_retrikt_kd"] is None  # not configured
     assert "reports/predictions/cb/mgskd-L2-s0.json" in cb["missing"]
-    assert cb["ppo"] is None and "reports/metrics/cb/ppo.json" not in cb["missing"]
+    assert cb["rl"] is None and "reports/metrics/cb/rl.json" not in cb["missing"]
     md = render_markdown(results)
-    assert "| finetune | 0.5000 | " in md and "PPO disabled" in md and cb["figures"] == []
+    assert "| finetune | 0.5000 | " in md and "RL disabled" in md and cb["figures"] == []
     assert "| RetriKT − best baseline (mgskd) | +0.2000 | – (predictions missing) | – |" in md
 
 
@@ -377,8 +377,8 @@ def test_sign_test_by_hand():
     assert sign_test([])["p_value"] == 1.0
 
 
-def test_ppo_before_after_forms():
-    got = ppo_before_after({"before_conf": 0.1, "conf_after": 0.2, "before": {"self_bleu": 0.3},
+def test_rl_before_after_forms():
+    got = rl_before_after({"before_conf": 0.1, "conf_after": 0.2, "before": {"self_bleu": 0.3},
                             "after": {"self_bleu": 0.2}, "updates": 6})
     assert got == {"before": {"conf": 0.1, "self_bleu": 0.3}, "after": {"conf": 0.2, "self_bleu": 0.2}}
 

@@ -162,9 +162,9 @@ def test_task_runs_through_the_whole_dag(task_name, source, tmp_path, tiny_causa
     assert not plots.get("errors"), plots["errors"]
     rendered = {k: v for k, v in plots["data"].items() if v}
     t = task_name
-    for curve in ("teacher_curve", "prompt_tune_curve", "ppo_curve", "student_curve-retrikt-L2-s0",
+    for curve in ("teacher_curve", "prompt_tune_curve", "rl_curve", "student_curve-retrikt-L2-s0",
                   "student_curve-adkd-L2-s0"):
         assert rendered[f"reports/plots/{t}/{curve}.json"][0]["type"] == "vega", curve
-    for figure in ("methods", "cost", "confusion", "store", "retrieval", "ppo", "learning_curves"):
+    for figure in ("methods", "cost", "confusion", "store", "retrieval", "rl", "learning_curves"):
         assert rendered[f"reports/figures/{t}/{figure}.png"][0]["type"] == "image", figure
     assert rendered["reports/figures/forest.png"][0]["type"] == "image"

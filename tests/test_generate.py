@@ -164,7 +164,7 @@ def target_lengths_of(rows):
 
 def test_generate_filter_by_teacher_and_rl_prompt(controlled_repo, monkeypatch):
     model, _ = load_generator(paths.base_model("generator"))
-    attach_prompt(model, 2, "random", "", paths.base_model("generator")).save_pretrained(paths.ppo("cb"))
+    attach_prompt(model, 2, "random", "", paths.base_model("generator")).save_pretrained(paths.rl("cb"))
     params = make_params(generate={"num_samples": 13, "near_dup_threshold": 0.5, "filter_by_teacher": True,
                                    "min_entries": 1})
     metrics, _ = _run_generate(params, monkeypatch)

@@ -21,7 +21,7 @@ STAGE_MODULES = {
     "prepare": "retrikt.data",
     "teacher": "retrikt.teacher",
     "prompt-tune": "retrikt.prompt_tune",
-    "ppo": "retrikt.rl.stage",
+    "rl": "retrikt.rl.stage",
     "generate": "retrikt.generate",
     "index": "retrikt.index",
     "train-student": "retrikt.distill.train",

@@ -73,7 +73,7 @@ def _stage(stage: str, fn: Callable, params_path: Path, task: str | None = None,
         from retrikt import paths
         from retrikt.tracking import StageRun
 
-        sections = {"prepare": "data", "resolve_model": "models", "train_student": "student", "ppo": "rl"}
+        sections = {"prepare": "data", "resolve_model": "models", "train_student": "student"}
         section = sections.get(stage, stage)
         logged = {"seed": params.seed if run_seed is None else run_seed}
         pdict = params.to_dict()
@@ -161,9 +161,10 @@ def prompt_tune(task: str, params: Path = ParamsOpt) -> None:
 
 
 @app.command()
-def ppo(task: str, params: Path = ParamsOpt) -> None:
-    """RL-tune the soft prompt: accuracy + diversity + length reward, KL to the step-1 prompt (models/<task>/ppo)."""
-    _task_stage("ppo", "retrikt.rl.stage:ppo", task, params, ("ppo_curve",))
+def rl(task: str, params: Path = ParamsOpt) -> None:
+    """RL-tune the soft prompt (rl.algorithm: ppo, grpo or rloo): reward-model confidence + diversity + length
+    reward, KL to the step-1 prompt (models/<task>/rl)."""
+    _task_stage("rl", "retrikt.rl.stage:rl", task, params, ("rl_curve",))
 
 
 @app.command()

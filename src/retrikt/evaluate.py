@@ -8,7 +8,7 @@ Reads what the other stages wrote (:mod:`retrikt.report.inputs`) and writes, all
     task metric as mean ± std over seeds, the gap closed and the costs; the best baseline (of
     :data:`retrikt.methods.BASELINES`); RetriKT − best baseline and RetriKT − RetriKT-KD with paired
     bootstrap CIs and p-values; the serving cost per method (accuracy, time relative to the plain
-    forward, bytes read at serving); knowledge-store quality; PPO before/after; the missing inputs.
+    forward, bytes read at serving); knowledge-store quality; the RL stage's before/after; the missing inputs.
 ``reports/results.md``
     The same numbers as markdown tables, with the figures embedded (:mod:`retrikt.report.markdown`).
 ``reports/metrics.json``
@@ -17,7 +17,7 @@ Reads what the other stages wrote (:mod:`retrikt.report.inputs`) and writes, all
     and the store size, and per size RetriKT, RetriKT-KD, the best baseline and both deltas with CIs.
 ``reports/figures/``
     ``forest.png`` (every task), and per task ``methods``, ``cost``, ``confusion``, ``store``,
-    ``retrieval``, ``ppo`` and ``learning_curves`` (:mod:`retrikt.report.figures`).
+    ``retrieval``, ``rl`` and ``learning_curves`` (:mod:`retrikt.report.figures`).
 
 MLflow: the stage's run gets the compact metrics and every file above; the pipeline's parent run gets
 the same headline metrics, tags naming each best baseline, a description (the headline table) and the
@@ -51,7 +51,7 @@ from retrikt.report.stats import (
     majority_class,
     mean_std,
     paired_bootstrap,
-    ppo_before_after,
+    rl_before_after,
 )
 from retrikt.tasks import Task, get_task
 from retrikt.tracking import flatten
@@ -138,7 +138,7 @@ def _task_report(params: Params, task: Task) -> _Loaded:
         all_preds[f"L{layers}"] = preds
 
     train = reader.rows("train")
-    ppo = reader.optional(paths.metrics(task.name, "ppo")) if params.rl.enabled else None
+    rl = reader.optional(paths.metrics(task.name, "rl")) if params.rl.enabled else None
     report = {
         "metrics": list(task.metrics), "primary": primary, "labels": list(task.labels),
         "validation_examples": len(reader.reference.idx) if reader.reference is not None else None,
@@ -147,7 +147,7 @@ def _task_report(params: Params, task: Task) -> _Loaded:
         "store": reader.optional(paths.metrics(task.name, "generate")),
         "index": reader.optional(paths.metrics(task.name, "index")),
         "prompt_tune": reader.optional(paths.metrics(task.name, "prompt_tune")),
-        "ppo": None if ppo is None else {**ppo_before_after(ppo), "metrics": ppo},
+        "rl": None if rl is None else {**rl_before_after(rl), "metrics": rl},
         "figures": [], "missing": reader.missing, "warnings": reader.warnings,  # lists filled in as we go
     }
     return _Loaded(report, reader, teacher_pred, all_preds, train)
@@ -214,7 +214,7 @@ def _task_figures(params: Params, loaded: _Loaded) -> list[str]:
              "confusion": F.confusion_grid(task, loaded.teacher_pred, first, params.seeds[0]),
              "store": F.store_figure(task, reader.store_entries(), loaded.train),
              "retrieval": _retrieval_panel(params, reader) if PROPOSED in methods else None,
-             "ppo": F.ppo_figure(reader.curve("ppo_curve"), report["ppo"], task.name) if params.rl.enabled else None,
+             "rl": F.rl_figure(reader.curve("rl_curve"), report["rl"], task.name) if params.rl.enabled else None,
              "learning_curves": F.learning_curves(task, reader.curve("teacher_curve"), curves)}
     return [F.save_png(fig, folder / f"{name}.png").as_posix() for name, fig in drawn.items() if fig is not None]
 

@@ -2,7 +2,7 @@
 
 ``generate.source: llm`` (the method):
 
-1. Prompt: the RL-tuned soft prompt (``models/<task>/ppo``) when ``rl.enabled`` and it was kept,
+1. Prompt: the RL-tuned soft prompt (``models/<task>/rl``) when ``rl.enabled`` and it was kept,
    else the step-1 prompt (``models/<task>/prompt``).
 2. Conditioning labels: ``generate.num_samples`` of them, balanced (equal per label, remainder to
    the first labels) or drawn from the train label prior; seeded, shuffled.
@@ -182,8 +182,8 @@ def _sample_llm(params: Params, task: Task, train: list[dict]) -> tuple[list[tup
                                                                        dict, dict]:
     """LLM samples that ended and parsed: ``(example, conditioning label, raw text)``, counts, timings."""
     gp = params.generate
-    use_rl = params.rl.enabled and (paths.ppo(task.name) / "adapter_config.json").exists()
-    adapter = paths.ppo(task.name) if use_rl else paths.prompt(task.name)
+    use_rl = params.rl.enabled and (paths.rl(task.name) / "adapter_config.json").exists()
+    adapter = paths.rl(task.name) if use_rl else paths.prompt(task.name)
     if not (adapter / "adapter_config.json").exists():
         raise MissingInputError(f"{adapter}: no soft prompt (run the prompt_tune stage first)")
     model, tok = load_with_prompt(paths.base_model("generator"), adapter)

@@ -47,8 +47,9 @@ def prompt(task: str) -> Path:
     return MODELS / task / "prompt"
 
 
-def ppo(task: str) -> Path:
-    return MODELS / task / "ppo"
+def rl(task: str) -> Path:
+    """The rl stage's output: the RL-tuned soft prompt (or ``disabled.json``)."""
+    return MODELS / task / "rl"
 
 
 def store(task: str) -> Path:

@@ -213,19 +213,19 @@ def confusion_grid(task: Task, teacher: Predictions | None,
     return fig
 
 
-# -------------------------------------------------------------------------------------------- ppo --- #
+# --------------------------------------------------------------------------------------------- rl --- #
 # the reward and its terms, under the names the RL code has used (first found wins the legend order)
-PPO_COMPONENTS = ("reward", "accuracy", "acc", "confidence", "rm_confidence", "diversity", "div", "length_penalty",
-                  "len", "parse_fail", "rm_accuracy", "rm_agreement")
+RL_COMPONENTS = ("reward", "accuracy", "acc", "confidence", "rm_confidence", "diversity", "div", "length_penalty",
+                 "len", "parse_fail", "rm_accuracy", "rm_agreement")
 
 
-def ppo_figure(rows: Sequence[Mapping[str, Any]] | None, before_after: Mapping[str, Mapping[str, float]] | None,
+def rl_figure(rows: Sequence[Mapping[str, Any]] | None, before_after: Mapping[str, Mapping[str, float]] | None,
                name: str):
     """Reward components per update (left), the KL to the step-1 prompt (middle), and the seeded
     evaluation rollouts before and after RL (right)."""
     rows = rows or []
     present = {k for r in rows for k, v in r.items() if is_number(v)}
-    comps = [k for k in PPO_COMPONENTS if k in present]
+    comps = [k for k in RL_COMPONENTS if k in present]
     has_kl = "kl" in present
     ba = before_after or {"before": {}, "after": {}}
     keys = [k for k in ba["before"] if k in ba["after"]]

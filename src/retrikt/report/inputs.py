@@ -2,7 +2,7 @@
 
 Required: each configured student's metrics file (missing -> MissingInputError naming it). Everything
 else is optional and, when absent, listed in the report's "missing inputs": the teacher's metrics,
-predictions files, curves, the generate/ppo/index/prompt_tune metrics, the train split (majority
+predictions files, curves, the generate/rl/index/prompt_tune metrics, the train split (majority
 class, store view), the store entries and the retrieval student folder (retrieval panel). A file that
 exists but is malformed is an error (:class:`retrikt.io.DataError`, one line naming it). Predictions of
 one task must cover the same validation rows (paired tests need them).

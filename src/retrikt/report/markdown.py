@@ -117,14 +117,14 @@ CAPTIONS = {
     "confusion": "Confusion matrices (first seed), one panel per model",
     "store": "The knowledge store against the real train rows",
     "retrieval": "What the retrieval student retrieves for a few validation inputs",
-    "ppo": "PPO: reward components per update, and the evaluation before/after",
+    "rl": "RL on the soft prompt: reward components per update, and the evaluation before/after",
     "learning_curves": "Learning curves",
     "forest": "RetriKT − best baseline and RetriKT − RetriKT-KD, with bootstrap CIs",
 }
 
 
 def render_markdown(results: Mapping[str, Any]) -> str:
-    """results.md: headline, then per task quality, comparisons, serving cost, store, PPO, figures."""
+    """results.md: headline, then per task quality, comparisons, serving cost, store, RL, figures."""
     seeds, bs = results["seeds"], results["bootstrap"]
     seeds_note = f"; the metric is averaged over {len(seeds)} seeds per resample" if len(seeds) > 1 else ""
     lines = ["# RetriKT evaluation", "",
@@ -154,17 +154,17 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             lines += ["### Index", "", *kv_table(t["index"])]
         if t["prompt_tune"]:
             lines += ["### Prompt tuning", "", *kv_table(t["prompt_tune"])]
-        lines += ["### PPO: before → after", ""]
-        ppo = t["ppo"]
-        keys = [k for k in ppo["before"] if k in ppo["after"]] if ppo else []
+        lines += ["### RL: before → after", ""]
+        rl = t["rl"]
+        keys = [k for k in rl["before"] if k in rl["after"]] if rl else []
         if not results["rl_enabled"]:
-            lines += ["PPO disabled (rl.enabled: false): the store was generated with the prompt-tuned prompt.", ""]
+            lines += ["RL disabled (rl.enabled: false): the store was generated with the prompt-tuned prompt.", ""]
         elif keys:
             lines += table(["quantity", "before", "after", "change"],
-                           [[k, fmt(ppo["before"][k]), fmt(ppo["after"][k]),
-                             f"{ppo['after'][k] - ppo['before'][k]:+.4f}"] for k in keys])
+                           [[k, fmt(rl["before"][k]), fmt(rl["after"][k]),
+                             f"{rl['after'][k] - rl['before'][k]:+.4f}"] for k in keys])
         else:
-            lines += ["Not available (ppo metrics missing or without before/after values).", ""]
+            lines += ["Not available (rl metrics missing or without before/after values).", ""]
         if t["figures"]:
             lines += ["### Figures", "", *_figure_lines(t["figures"], CAPTIONS)]
         if t["missing"]:

@@ -162,12 +162,12 @@ def gap_closed(student: float | None, teacher: float | None, finetune: float | N
     return (student - finetune) / (teacher - finetune) + 0.0  # + 0.0: no -0.0
 
 
-def ppo_before_after(ppo: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """Pair up PPO metrics written as ``before_x``/``x_before``/``before.x`` (and the same for after)."""
+def rl_before_after(rl: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Pair up the rl stage's metrics written as ``before_x``/``x_before``/``before.x`` (and the same for after)."""
     from retrikt.tracking import flatten
 
     out: dict[str, dict[str, float]] = {"before": {}, "after": {}}
-    for key, value in flatten(ppo).items():
+    for key, value in flatten(rl).items():
         if not is_number(value):
             continue
         for when in out:

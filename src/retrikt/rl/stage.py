@@ -1,4 +1,4 @@
-"""`ppo` stage: RL-tune the step-1 soft prompt so generated knowledge is correct and diverse.
+"""`rl` stage: RL-tune the step-1 soft prompt so generated knowledge is correct and diverse.
 
 Policy: frozen generator + the step-1 prompt (trainable) + a value head; reference: the step-1 prompt,
 frozen. A label is drawn per rollout (uniform or the train prior) and the policy writes a sample
@@ -90,7 +90,7 @@ def structure(task: Task, rp) -> dict:
 def rollout_quality(model, tok, reward: RolloutReward, conditions: list[str], rp, seed: int,
                     phase: str = "evaluation") -> dict[str, float]:
     """Reward-model confidence, agreement, parse rate and self-BLEU of seeded evaluation rollouts."""
-    with bar(total=len(conditions), desc=f"ppo {reward.task.name}: {phase} rollouts", unit="rollout") as b:
+    with bar(total=len(conditions), desc=f"rl {reward.task.name}: {phase} rollouts", unit="rollout") as b:
         drawn = sample_full(model, tok, conditions, max_new_tokens=rp.max_new_tokens, temperature=rp.temperature,
                             top_p=rp.top_p, batch_size=len(conditions), seed=seed, dtype=rp.dtype,
                             on_done=lambda _: b.update(1), **structure(reward.task, rp))
@@ -109,13 +109,13 @@ def _train_ours(model, tok, reward, draw, rp, seed: int, run) -> None:
     def log_update(i: int, stats: dict) -> None:
         keep = ("reward", "accuracy", "diversity", "length_penalty", "parse_fail", "kl", "kl_coef", "self_bleu",
                 "rm_accuracy", "entropy", "clip_frac", "policy_loss", "value_loss", "response_length")
-        run.add_plot_row("ppo_curve", {"update": i + 1, **{k: float(stats[k]) for k in keep if k in stats}},
+        run.add_plot_row("rl_curve", {"update": i + 1, **{k: float(stats[k]) for k in keep if k in stats}},
                          step_key="update")
         updates.update(1)
         updates.set_postfix(reward=stats["reward"], kl=stats["kl"], parse_fail=stats.get("parse_fail", 0.0))
-        log.debug("ppo update %d: %s", i + 1, {k: round(float(v), 4) for k, v in stats.items()})
+        log.debug("rl update %d: %s", i + 1, {k: round(float(v), 4) for k, v in stats.items()})
 
-    with bar(total=rp.updates, desc=f"ppo {reward.task.name}: updates", unit="update") as updates:
+    with bar(total=rp.updates, desc=f"rl {reward.task.name}: updates", unit="update") as updates:
         trainer.train(draw, rp.updates, log_update)
 
 
@@ -127,13 +127,13 @@ def _train_trl(model, tok, reward, draw, rp, seed: int, run) -> None:
         pool = draw(max(rp.batch_size, 4 * len(reward.cond2label)))
         logs = train_with_trl(rp.algorithm, model, tok, pool, reward, cfg)
     for i, row in enumerate(logs, 1):
-        run.add_plot_row("ppo_curve", {"update": i, **{k: v for k, v in row.items() if k != "step"}},
+        run.add_plot_row("rl_curve", {"update": i, **{k: v for k, v in row.items() if k != "step"}},
                          step_key="update")
 
 
-def ppo(params: Params, task_name: str, run) -> dict:
+def rl(params: Params, task_name: str, run) -> dict:
     task, rp = get_task(task_name), params.rl
-    out_dir = paths.ppo(task.name)
+    out_dir = paths.rl(task.name)
     if not rp.enabled:
         with atomic_dir(out_dir) as tmp:
             atomic_write_json(tmp / "disabled.json", {"reason": "rl.enabled is false: generate uses the step-1 prompt"})
@@ -169,8 +169,8 @@ def ppo(params: Params, task_name: str, run) -> dict:
             model.save_pretrained(tmp)
         else:
             info["reason"] = "the RL prompt lowered the evaluation reward; generate uses the step-1 prompt"
-            log.warning("ppo: %s (%.4f -> %.4f)", info["reason"], before["reward"], after["reward"])
-        atomic_write_json(tmp / "retrikt_ppo.json", info)
+            log.warning("rl: %s (%.4f -> %.4f)", info["reason"], before["reward"], after["reward"])
+        atomic_write_json(tmp / "retrikt_rl.json", info)
     metrics = {"enabled": 1, "accepted": int(accepted), "updates": rp.updates, "rollouts": rp.updates * rp.batch_size,
                "eval_rollouts": rp.eval_samples, "max_new_tokens": rp.max_new_tokens, "length_min": bounds[0],
                "length_max": bounds[1],

@@ -1,4 +1,4 @@
-"""The `ppo` stage on tiny models: ours and trl's GRPO run end to end; disabled = the w/o-PPO ablation."""
+"""The `rl` stage on tiny models: ours and trl's GRPO run end to end; disabled = the w/o-PPO ablation."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from retrikt.io import read_json
 from retrikt.models import load_generator
 from retrikt.params import parse_params
 from retrikt.rl.rewards import RewardWeights
-from retrikt.rl.stage import RolloutReward, balanced_conditions, label_sampler, ppo
+from retrikt.rl.stage import RolloutReward, balanced_conditions, label_sampler, rl
 from retrikt.tasks import get_task
 from retrikt.tracking import StageRun
 
@@ -47,20 +47,20 @@ def tiny_repo(in_tmp_repo, tiny_causal_dir, tiny_encoder_dir, one_thread):
 
 
 def _run(params):
-    with StageRun("ppo", metrics_path=paths.metrics("cb", "ppo"), task="cb",
-                  plots={"ppo_curve": paths.plot("cb", "ppo_curve")}) as run:
-        return ppo(params, "cb", run)
+    with StageRun("rl", metrics_path=paths.metrics("cb", "rl"), task="cb",
+                  plots={"rl_curve": paths.plot("cb", "rl_curve")}) as run:
+        return rl(params, "cb", run)
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_stage_trains_saves_adapter_and_reports_before_after(tiny_repo, algorithm):
     m = _run(_params(algorithm=algorithm))
-    assert (paths.ppo("cb") / "adapter_config.json").exists()
+    assert (paths.rl("cb") / "adapter_config.json").exists()
     for key in ("confidence", "self_bleu", "parse_rate", "rm_accuracy"):
         assert f"{key}_before" in m and f"{key}_after" in m
-    curve = read_json(paths.plot("cb", "ppo_curve"))
+    curve = read_json(paths.plot("cb", "rl_curve"))
     assert [r["update"] for r in curve] == [1, 2] and all("reward" in r for r in curve)
-    assert read_json(paths.metrics("cb", "ppo")) == m
+    assert read_json(paths.metrics("cb", "rl")) == m
 
 
 def test_same_seed_same_metrics(tiny_repo):
@@ -70,8 +70,8 @@ def test_same_seed_same_metrics(tiny_repo):
 def test_disabled_is_the_without_ppo_ablation(tiny_repo):
     m = _run(_params(enabled=False))
     assert m == {"enabled": 0}
-    assert not (paths.ppo("cb") / "adapter_config.json").exists()
-    assert (paths.ppo("cb") / "disabled.json").exists()
+    assert not (paths.rl("cb") / "adapter_config.json").exists()
+    assert (paths.rl("cb") / "disabled.json").exists()
 
 
 def test_reward_uses_the_conditioning_label(tiny_encoder_dir):
@@ -103,5 +103,5 @@ def test_a_prompt_that_lowers_the_reward_is_not_kept(tiny_repo, monkeypatch):
     monkeypatch.setattr(stage, "rollout_quality", lambda *a, **k: {"reward": next(scores), "confidence": 0.0})
     m = _run(_params(require_improvement=True))
     assert m["accepted"] == 0 and m["reward_before"] == 1.0 and m["reward_after"] == 0.5
-    assert not (paths.ppo("cb") / "adapter_config.json").exists()
-    assert read_json(paths.ppo("cb") / "retrikt_ppo.json")["accepted"] is False
+    assert not (paths.rl("cb") / "adapter_config.json").exists()
+    assert read_json(paths.rl("cb") / "retrikt_rl.json")["accepted"] is False
