@@ -115,7 +115,8 @@ def _write_inputs() -> None:
     atomic_write_json(paths.plot("cb", "teacher_curve"),
                       [{"epoch": e, "train_loss": 1.0 / e, "val_accuracy": 0.5 + 0.1 * e} for e in (1, 2, 3)])
     atomic_write_json(paths.plot("cb", "rl_curve"),
-                      [{"update": u, "reward": 0.1 * u, "acc": 0.5, "div": 0.2, "kl": 0.01 * u} for u in (1, 2, 3)])
+                      [{"update": u, "reward": 0.1 * u, "confidence": 0.5, "diversity": 0.2, "kl": 0.01 * u}
+                       for u in (1, 2, 3)])
     atomic_write_json(paths.plot("cb", "student_curve-retrikt-L2-s0"),
                       [{"epoch": e, "train_loss": 1.0 / e, "val_accuracy": 0.6 + 0.1 * e} for e in (1, 2)])
     train = [{"premise": f"a premise with {i} words " * (1 + i % 3), "hypothesis": "a hypothesis", "idx": i,

@@ -260,8 +260,8 @@ def test_ppo_with_compute_rewards():
     cfg = ppo_config(batch_size=6, mini_batch_size=3, max_new_tokens=5)
     tr = SoftPromptPPO(tiny_causal_peft(len(tok)), tok, cfg, reward_fn)
     stats = tr.step(CONDITIONS * 2)
-    assert {"accuracy", "diversity", "length_penalty", "parse_fail", "mean_accuracy"} <= set(stats)
-    assert 0.0 <= stats["accuracy"] <= 0.7
+    assert {"confidence", "diversity", "length_penalty", "parse_fail", "mean_confidence"} <= set(stats)
+    assert 0.0 <= stats["confidence"] <= 0.7
 
 
 def test_forced_field_names_are_context_not_actions(tiny_causal_dir):

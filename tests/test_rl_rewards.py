@@ -80,11 +80,11 @@ def test_compute_rewards_components():
         seen.append([e["text"] for e in examples])
         return np.array([[0.2, 0.8], [0.6, 0.4]])
 
-    w = RewardWeights(acc=1.0, div=0.5, len=0.1, parse_penalty=1.0)
+    w = RewardWeights(confidence=1.0, diversity=0.5, length=0.1, parse_penalty=1.0)
     out = compute_rewards(texts, [1, 0, 0], parse_fn, prob_fn, w, (2, 3))
     assert seen == [["good a b", "good c d"]]  # only parsed samples reach the reward model
     # row j of prob_fn belongs to the j-th parsed sample: [0.2, 0.8][1] and [0.6, 0.4][0]
-    assert out["accuracy"] == pytest.approx([0.8, 0.0, 0.6])
+    assert out["confidence"] == pytest.approx([0.8, 0.0, 0.6])
     assert out["parse_fail"] == [0.0, 1.0, 0.0]
     assert out["length_penalty"] == pytest.approx([0.0, 0.5, 0.0])  # "bad": (2 - 1) / 2
     div = [1 - s for s in self_bleu(texts)]
@@ -92,9 +92,9 @@ def test_compute_rewards_components():
     expected = [0.8 + 0.5 * div[0], 0.5 * div[1] - 0.1 * 0.5 - 1.0, 0.6 + 0.5 * div[2]]
     assert out["reward"] == pytest.approx(expected)
     assert out["mean_reward"] == pytest.approx(np.mean(expected))
-    assert out["mean_accuracy"] == pytest.approx(1.4 / 3)
+    assert out["mean_confidence"] == pytest.approx(1.4 / 3)
 
 
 def test_compute_rewards_nothing_parsed():
     out = compute_rewards(["x", "y"], [0, 1], lambda t: None, lambda e: 1 / 0, RewardWeights(), (1, 1))
-    assert out["accuracy"] == [0.0, 0.0] and out["parse_fail"] == [1.0, 1.0]
+    assert out["confidence"] == [0.0, 0.0] and out["parse_fail"] == [1.0, 1.0]

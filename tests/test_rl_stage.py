@@ -56,7 +56,7 @@ def _run(params):
 def test_stage_trains_saves_adapter_and_reports_before_after(tiny_repo, algorithm):
     m = _run(_params(algorithm=algorithm))
     assert (paths.rl("cb") / "adapter_config.json").exists()
-    for key in ("confidence", "self_bleu", "parse_rate", "rm_accuracy"):
+    for key in ("confidence", "self_bleu", "parse_rate", "rm_agreement"):
         assert f"{key}_before" in m and f"{key}_after" in m
     curve = read_json(paths.plot("cb", "rl_curve"))
     assert [r["update"] for r in curve] == [1, 2] and all("reward" in r for r in curve)
@@ -77,7 +77,7 @@ def test_disabled_is_the_without_ppo_ablation(tiny_repo):
 def test_reward_uses_the_conditioning_label(tiny_encoder_dir):
     task = get_task("cb")
     rm = Classifier.from_base(tiny_encoder_dir, task, 32)
-    reward = RolloutReward(task, rm, RewardWeights(acc=1, div=0, len=0, parse_penalty=1), (1, 100))
+    reward = RolloutReward(task, rm, RewardWeights(confidence=1, diversity=0, length=0, parse_penalty=1), (1, 100))
     good = task.serialise(ROWS[0])
     conds = balanced_conditions(task, 3)
     out = reward([good, good, "garbage"], conds)

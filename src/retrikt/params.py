@@ -129,7 +129,7 @@ class RLParams:
     label_sampling: Literal["uniform", "prior"]
     eval_samples: int = _f(lo=2)
     num_generations: int = _f(lo=2)
-    w_acc: float = _f(lo=0)
+    w_confidence: float = _f(lo=0)  # the reward model's p(conditioning label | parsed sample)
     w_div: float = _f(lo=0)
     w_len: float = _f(lo=0)
     parse_penalty: float = _f(lo=0)

@@ -1,6 +1,6 @@
 """`teacher` stage: fine-tune the reward model / KD teacher on a task's train split.
 
-It serves three roles later: class probabilities (PPO accuracy reward, soft labels of store entries,
+It serves three roles later: class probabilities (the RL stage's confidence reward, soft labels of store entries,
 KD targets) and embeddings (its similarity distribution over store entries, which the retrieval
 student imitates). Default: all 6 layers of all-MiniLM-L6-v2 (``teacher.model: encoder``); any HF
 encoder or decoder with a sequence-classification head works (``models.<role>`` + ``teacher.model``).

@@ -214,9 +214,8 @@ def confusion_grid(task: Task, teacher: Predictions | None,
 
 
 # --------------------------------------------------------------------------------------------- rl --- #
-# the reward and its terms, under the names the RL code has used (first found wins the legend order)
-RL_COMPONENTS = ("reward", "accuracy", "acc", "confidence", "rm_confidence", "diversity", "div", "length_penalty",
-                 "len", "parse_fail", "rm_accuracy", "rm_agreement")
+# the reward and its terms as the rl stage writes them to rl_curve (in the legend's order)
+RL_COMPONENTS = ("reward", "confidence", "diversity", "length_penalty", "parse_fail", "rm_agreement")
 
 
 def rl_figure(rows: Sequence[Mapping[str, Any]] | None, before_after: Mapping[str, Mapping[str, float]] | None,

@@ -1,4 +1,7 @@
-"""Reward components for the RL stage (step 2 of RetriKT): accuracy, diversity, length, parse.
+"""Reward components for the RL stage (step 2 of RetriKT): confidence, diversity, length, parse.
+
+confidence is the reward model's probability of the conditioning label given the parsed sample,
+p_RM(label | sample) (not an accuracy: it is a probability, averaged over samples).
 
 Pure Python + numpy. The stage builds ``parse_fn`` / ``prob_fn`` closures (sample parser, teacher
 reward model) and hands :func:`compute_rewards` to the RL trainer as ``reward_fn(texts)``.
@@ -81,11 +84,12 @@ def length_penalty(n: float, l_min: float, l_max: float, scale: float = 1.0) -> 
 
 @dataclass
 class RewardWeights:
-    """total = acc * accuracy + div * diversity - len * length_penalty - parse_penalty * unparsable."""
+    """total = confidence * p_RM(label | sample) + diversity * (1 - self-BLEU) - length * length_penalty
+    - parse_penalty * unparsable (each field weights the term it is named after)."""
 
-    acc: float = 1.0
-    div: float = 0.5
-    len: float = 0.1
+    confidence: float = 1.0
+    diversity: float = 0.5
+    length: float = 0.1
     parse_penalty: float = 1.0
 
 
@@ -101,29 +105,29 @@ def compute_rewards(
 ) -> dict[str, Any]:
     """Per-sample rewards and their components for generated ``texts`` conditioned on ``labels``.
 
-    accuracy_i = prob_fn(parsed)[j, labels_i] for the j-th parsed sample, 0 when ``parse_fn``
+    confidence_i = prob_fn(parsed)[j, labels_i] for the j-th parsed sample, 0 when ``parse_fn``
     returns None (which also costs ``weights.parse_penalty``); diversity_i = 1 - self-BLEU_i over
     the whole batch; length penalty from :func:`length_penalty` (scale 1, weighted by
-    ``weights.len``) on ``length_fn(text)`` (default: whitespace words). A text marked incomplete in
+    ``weights.length``) on ``length_fn(text)`` (default: whitespace words). A text marked incomplete in
     ``complete`` (cut by the token budget before EOS) counts as unparsable, whatever it contains.
-    Returns lists ``reward, accuracy, diversity, length_penalty, parse_fail`` and their means
+    Returns lists ``reward, confidence, diversity, length_penalty, parse_fail`` and their means
     under ``mean_<name>``.
     """
     n = len(texts)
     complete = [True] * n if complete is None else list(complete)
     parsed = [parse_fn(t) if done else None for t, done in zip(texts, complete)]
     ok = [i for i, p in enumerate(parsed) if p is not None]
-    acc = np.zeros(n)
+    conf = np.zeros(n)
     if ok:
         probs = np.asarray(prob_fn([parsed[i] for i in ok]), dtype=float)
-        acc[ok] = probs[np.arange(len(ok)), [int(labels[i]) for i in ok]]
+        conf[ok] = probs[np.arange(len(ok)), [int(labels[i]) for i in ok]]
     fail = np.array([p is None for p in parsed], dtype=float)
     div = 1.0 - np.asarray(self_bleu(texts), dtype=float) if n else np.zeros(0)
     lpen = np.array([length_penalty(length_fn(t), *len_bounds) for t in texts], dtype=float)
-    total = weights.acc * acc + weights.div * div - weights.len * lpen - weights.parse_penalty * fail
+    total = weights.confidence * conf + weights.diversity * div - weights.length * lpen - weights.parse_penalty * fail
     out: dict[str, Any] = {
         "reward": total.tolist(),
-        "accuracy": acc.tolist(),
+        "confidence": conf.tolist(),
         "diversity": div.tolist(),
         "length_penalty": lpen.tolist(),
         "parse_fail": fail.tolist(),

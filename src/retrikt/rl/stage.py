@@ -2,7 +2,7 @@
 
 Policy: frozen generator + the step-1 prompt (trainable) + a value head; reference: the step-1 prompt,
 frozen. A label is drawn per rollout (uniform or the train prior) and the policy writes a sample
-conditioned on it. Reward = w_acc · p_RM(label | parsed sample) + w_div · (1 − self-BLEU vs the batch)
+conditioned on it. Reward = w_confidence · p_RM(label | parsed sample) + w_div · (1 − self-BLEU vs the batch)
 − w_len · length penalty (bounds from the train split's length percentiles) − parse penalty; the
 per-token KL to the reference is handled by the algorithm (ours: in the reward; trl: in the loss).
 
@@ -74,9 +74,9 @@ class RolloutReward:
         out = compute_rewards(texts, labels, self.task.parse, prob_fn, self.weights, self.bounds, complete=finished)
         parsed = [y for y, f in zip(labels, out["parse_fail"]) if not f]
         if probs and parsed:
-            out["rm_accuracy"] = float(np.mean(probs[0].argmax(1) == np.asarray(parsed)))
+            out["rm_agreement"] = float(np.mean(probs[0].argmax(1) == np.asarray(parsed)))
         else:
-            out["rm_accuracy"] = 0.0
+            out["rm_agreement"] = 0.0
         out["self_bleu"] = corpus_self_bleu(texts)
         return out
 
@@ -95,7 +95,7 @@ def rollout_quality(model, tok, reward: RolloutReward, conditions: list[str], rp
                             top_p=rp.top_p, batch_size=len(conditions), seed=seed, dtype=rp.dtype,
                             on_done=lambda _: b.update(1), **structure(reward.task, rp))
     r = reward(drawn.texts, conditions, drawn.finished)
-    return {"confidence": r["mean_accuracy"], "rm_accuracy": r["rm_accuracy"], "self_bleu": r["self_bleu"],
+    return {"confidence": r["mean_confidence"], "rm_agreement": r["rm_agreement"], "self_bleu": r["self_bleu"],
             "parse_rate": 1.0 - r["mean_parse_fail"], "finished_rate": float(np.mean(drawn.finished)),
             "reward": r["mean_reward"]}
 
@@ -107,8 +107,8 @@ def _train_ours(model, tok, reward, draw, rp, seed: int, run) -> None:
     trainer = SoftPromptPPO(model, tok, cfg, reward, **structure(reward.task, rp))
 
     def log_update(i: int, stats: dict) -> None:
-        keep = ("reward", "accuracy", "diversity", "length_penalty", "parse_fail", "kl", "kl_coef", "self_bleu",
-                "rm_accuracy", "entropy", "clip_frac", "policy_loss", "value_loss", "response_length")
+        keep = ("reward", "confidence", "diversity", "length_penalty", "parse_fail", "kl", "kl_coef", "self_bleu",
+                "rm_agreement", "entropy", "clip_frac", "policy_loss", "value_loss", "response_length")
         run.add_plot_row("rl_curve", {"update": i + 1, **{k: float(stats[k]) for k in keep if k in stats}},
                          step_key="update")
         updates.update(1)
@@ -144,7 +144,8 @@ def rl(params: Params, task_name: str, run) -> dict:
     train = read_jsonl(paths.split_file(task.name, "train"))
     rm = Classifier.load(paths.teacher(task.name))
     bounds = length_bounds([len(task.serialise(r).split()) for r in train], rp.len_low_pct, rp.len_high_pct)
-    weights = RewardWeights(acc=rp.w_acc, div=rp.w_div, len=rp.w_len, parse_penalty=rp.parse_penalty)
+    weights = RewardWeights(confidence=rp.w_confidence, diversity=rp.w_div, length=rp.w_len,
+                            parse_penalty=rp.parse_penalty)
     reward = RolloutReward(task, rm, weights, bounds)
     # PEFT refuses is_trainable for saved prompt adapters: load frozen, then unfreeze the prompt only
     model, tok = load_with_prompt(paths.base_model("generator"), paths.prompt(task.name))
