@@ -105,7 +105,7 @@ def _encoder_step(model_name: str, mode: str, rows, batch: int, max_length: int)
 def _prompt_step(mode: str, rows, batch: int, max_length: int):
     import torch
 
-    from retrikt.generator import attach_prompt, source_text, target_text, token_nll, tokenize_for_training
+    from retrikt.llm import attach_prompt, source_text, target_text, token_nll, tokenize_for_training
     from retrikt.models import load_generator
     from retrikt.tasks import get_task
 

@@ -57,7 +57,7 @@ def ours_nll(model, tok, task, rows, dtype) -> float:
     import torch
     import torch.nn.functional as F
 
-    from retrikt.generator import source_text, target_text
+    from retrikt.llm import source_text, target_text
     from retrikt.sampling import DTYPES, LlamaDecoder, _prefix_embeds
 
     base = model.get_base_model()
@@ -104,8 +104,8 @@ def main() -> None:
     from peft import PeftModel
 
     from retrikt import paths
-    from retrikt.generator import length_budget, load_with_prompt, nll, sample_full, source_text, target_text
     from retrikt.io import read_jsonl
+    from retrikt.llm import length_budget, load_with_prompt, nll, sample_full, source_text, target_text
     from retrikt.models import load_generator
     from retrikt.tasks import get_task
 

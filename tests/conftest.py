@@ -120,7 +120,7 @@ def fit_tiny_generator(base: Path, task, rows: list[dict], out: Path, max_length
     each row's label condition, so its samples parse; saved to ``out``."""
     import torch
 
-    from retrikt.generator import source_text, target_text, token_nll, tokenize_for_training
+    from retrikt.llm import source_text, target_text, token_nll, tokenize_for_training
     from retrikt.models import load_generator
 
     torch.manual_seed(0)

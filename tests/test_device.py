@@ -17,7 +17,7 @@ import yaml
 
 from retrikt import device
 from retrikt.classifier import Classifier, train_classifier
-from retrikt.generator import attach_prompt, nll, sample_full, source_text, target_text
+from retrikt.llm import attach_prompt, nll, sample_full, source_text, target_text
 from retrikt.models import load_generator
 from retrikt.params import ParamsError, parse_params
 from retrikt.tasks import get_task

@@ -181,7 +181,7 @@ def test_the_analysis_sees_lazy_and_indirect_imports():
     """The closure follows ``_call`` targets, imports inside functions, and modules' own imports."""
     gen = needed_files("generate")
     assert "src/retrikt/generate.py" in gen  # a `_call("retrikt.generate:generate")` target
-    assert "src/retrikt/generator.py" in gen and "src/retrikt/models.py" in gen  # through generate.py
+    assert "src/retrikt/llm.py" in gen and "src/retrikt/models.py" in gen  # through generate.py
     assert "src/retrikt/rl/rewards.py" in gen and "src/retrikt/rl/stage.py" not in gen
     assert {"src/retrikt/cli.py", "src/retrikt/params.py", "src/retrikt/tracking.py",
             "src/retrikt/seeding.py", "src/retrikt/device.py"} <= gen  # what every stage's set-up runs

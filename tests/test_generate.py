@@ -15,8 +15,8 @@ import torch
 import retrikt.generate as gen_mod
 from retrikt import paths
 from retrikt.generate import GenerationError, dedupe, generate, jaccard, word_ngrams
-from retrikt.generator import Samples, attach_prompt, draw_labels, label_prior, source_text, target_text
 from retrikt.io import read_json, read_jsonl, write_jsonl
+from retrikt.llm import Samples, attach_prompt, draw_labels, label_prior, source_text, target_text
 from retrikt.models import load_generator
 from retrikt.tasks import get_task
 
@@ -157,7 +157,7 @@ def test_generate_counts_dedupes_and_deleaks(controlled_repo, monkeypatch):
 
 
 def target_lengths_of(rows):
-    from retrikt.generator import load_tokenizer, target_lengths
+    from retrikt.llm import load_tokenizer, target_lengths
 
     return target_lengths(load_tokenizer(paths.base_model("generator")), CB, rows)
 

@@ -15,8 +15,8 @@ import torch
 import yaml
 
 from retrikt import paths
-from retrikt.generator import load_with_prompt, nll, source_text, target_text
 from retrikt.io import read_json, write_jsonl
+from retrikt.llm import load_with_prompt, nll, source_text, target_text
 from retrikt.params import Params, parse_params
 from retrikt.prompt_tune import prompt_tune
 from retrikt.tasks import get_task

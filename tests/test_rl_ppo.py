@@ -267,7 +267,7 @@ def test_ppo_with_compute_rewards():
 def test_forced_field_names_are_context_not_actions(tiny_causal_dir):
     """With structured decoding the sampler writes each line's field name: those tokens are attended to
     but left out of what the policy is trained and penalised on."""
-    from retrikt.generator import attach_prompt, source_text
+    from retrikt.llm import attach_prompt, source_text
     from retrikt.models import load_generator
     from retrikt.sampling import field_name_tokens
     from retrikt.tasks import get_task

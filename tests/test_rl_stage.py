@@ -10,8 +10,8 @@ import yaml
 
 from retrikt import paths
 from retrikt.classifier import Classifier
-from retrikt.generator import attach_prompt
 from retrikt.io import read_json
+from retrikt.llm import attach_prompt
 from retrikt.models import load_generator
 from retrikt.params import parse_params
 from retrikt.rl.rewards import RewardWeights

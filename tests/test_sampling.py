@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retrikt.generator import attach_prompt, source_text
+from retrikt.llm import attach_prompt, source_text
 from retrikt.models import load_generator
 from retrikt.sampling import (
     LlamaDecoder,

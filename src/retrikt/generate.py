@@ -46,16 +46,6 @@ import numpy as np
 
 from retrikt import paths
 from retrikt.classifier import Classifier
-from retrikt.generator import (
-    draw_labels,
-    label_prior,
-    length_budget,
-    load_tokenizer,
-    load_with_prompt,
-    sample_full,
-    source_text,
-    target_lengths,
-)
 from retrikt.io import (
     DataError,
     MissingInputError,
@@ -64,6 +54,16 @@ from retrikt.io import (
     atomic_write_text,
     read_jsonl,
     write_jsonl,
+)
+from retrikt.llm import (
+    draw_labels,
+    label_prior,
+    length_budget,
+    load_tokenizer,
+    load_with_prompt,
+    sample_full,
+    source_text,
+    target_lengths,
 )
 from retrikt.params import Params
 from retrikt.progress import bar

@@ -24,8 +24,8 @@ import torch
 
 from retrikt import paths
 from retrikt.classifier import batches
-from retrikt.generator import attach_prompt, nll, source_text, target_text, token_nll, tokenize_for_training
 from retrikt.io import DataError, atomic_dir, atomic_write_json, read_jsonl
+from retrikt.llm import attach_prompt, nll, source_text, target_text, token_nll, tokenize_for_training
 from retrikt.models import count_parameters, is_seq2seq, load_generator, model_info
 from retrikt.params import Params
 from retrikt.progress import bar

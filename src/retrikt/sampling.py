@@ -23,7 +23,7 @@ batch keeps computing for rows that have already ended. Here:
   change with ``batch_size``; a bfloat16 one did not in our checks).
 
 Positions: the virtual tokens are numbered ``0..V-1`` and the source text follows from ``V`` on
-(as in training, :mod:`retrikt.generator`). The fast path covers Llama-family causal LMs
+(as in training, :mod:`retrikt.llm`). The fast path covers Llama-family causal LMs
 (``model_type`` in :data:`FAST_MODEL_TYPES`); any other causal or seq2seq generator uses
 :func:`_generic_loop`, the same sampling rule over the model's own forward with its KV cache, in
 the model's own dtype (``dtype`` applies to the fast path only).

@@ -29,8 +29,8 @@ import torch
 
 from retrikt import paths
 from retrikt.classifier import Classifier
-from retrikt.generator import draw_labels, label_prior, length_budget, load_with_prompt, sample_full, source_text
 from retrikt.io import atomic_dir, atomic_write_json, read_jsonl
+from retrikt.llm import draw_labels, label_prior, length_budget, load_with_prompt, sample_full, source_text
 from retrikt.params import Params
 from retrikt.progress import bar
 from retrikt.rl.rewards import RewardWeights, compute_rewards, corpus_self_bleu, length_bounds

@@ -1,11 +1,13 @@
-"""Generator plumbing shared by prompt tuning, PPO and generation: texts, batches, soft prompt, sampling.
+"""The frozen LLM (the generator) with its soft prompt, a library shared by the prompt_tune, rl and generate
+stages: texts, batches, loading the LLM + soft prompt, sampling. (The generate *stage* is
+:mod:`retrikt.generate`.)
 
 The generator (a frozen causal or seq2seq Hugging Face LM) reads ``[soft prompt; source]`` and writes
 ``target``:
 
 * source = ``task.condition(label)`` — plain text naming the task and the label. No chat template:
   the learned soft prompt is the instruction, the same text works for causal and seq2seq models
-  (and for the PPO stage, which tokenises the same string), and a template's fixed system turn
+  (and for the rl stage, which tokenises the same string), and a template's fixed system turn
   would only spend context on every sample.
 * target = ``task.serialise(ex)`` (``field: value`` lines) followed by the tokenizer's EOS token, so
   the tuned prompt teaches the model where an example ends.

@@ -1,4 +1,4 @@
-"""Generator plumbing on the tiny causal (Llama) and seq2seq (T5) models: batches, soft prompt, sampling."""
+"""retrikt.llm on the tiny causal (Llama) and seq2seq (T5) models: batches, soft prompt, sampling."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from retrikt.generator import (
+from retrikt.llm import (
     IGNORE,
     attach_prompt,
     load_with_prompt,
