@@ -1,4 +1,5 @@
-"""params ``device``: validated like every key, resolved once per stage, honoured by every model loader.
+"""params ``device``: validated like every key, resolved by each stage, handed to every model loader
+(no process-wide device: loaders take ``device``, default the CPU).
 
 There is no GPU on the development machine: placement is checked with torch's ``meta`` device (a
 model can be moved there, nothing computed), and the CUDA test at the end runs only where torch
@@ -32,12 +33,6 @@ NO_CUDA = not torch.cuda.is_available()
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def _restore_device(monkeypatch):
-    """Every test leaves the process-wide device as it found it."""
-    monkeypatch.setattr(device, "_device", device.get_device())
-
-
 def _params(value):
     return parse_params({**copy.deepcopy(RAW), "device": value})
 
@@ -68,24 +63,26 @@ def test_default_is_auto_and_params_yaml_must_set_it():
         parse_params(raw)
 
 
-def test_never_set_means_cpu():
-    assert device.get_device() == torch.device("cpu")
+def test_loaders_default_to_the_cpu(tiny_encoder_dir, tiny_causal_dir):
+    clf = Classifier.from_base(tiny_encoder_dir, get_task("cb"), max_length=32)
+    generator, _ = load_generator(tiny_causal_dir)
+    for model in (clf.model, generator):
+        assert {p.device.type for p in model.parameters()} == {"cpu"}
 
 
 def test_auto_and_cpu_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert device.set_device("auto") == torch.device("cpu") == device.get_device()
-    assert device.set_device("cpu") == torch.device("cpu")
+    assert device.resolve_device("auto") == torch.device("cpu")
+    assert device.resolve_device("cpu") == torch.device("cpu")
 
 
 @pytest.mark.parametrize("name", ["cuda", "cuda:1"])
 def test_cuda_without_cuda_is_a_clear_error(monkeypatch, name):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ParamsError) as e:
-        device.set_device(name)
+        device.resolve_device(name)
     msg = str(e.value)
     assert msg.startswith(f"device: '{name}' requested, but torch sees no CUDA GPU") and "\n" not in msg
-    assert device.get_device() == torch.device("cpu")  # unchanged
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="needs a machine without CUDA")
@@ -101,37 +98,51 @@ def test_stage_with_cuda_stops_before_compute(tmp_path):
 
 
 # ------------------------------------------------------------------------ placement (meta device)
-def test_loaders_put_models_on_the_chosen_device(monkeypatch, tmp_path, tiny_encoder_dir, tiny_causal_dir):
-    task = get_task("cb")
+def test_loaders_put_models_on_the_given_device(tmp_path, tiny_encoder_dir, tiny_causal_dir):
+    task, meta = get_task("cb"), torch.device("meta")
     Classifier.from_base(tiny_encoder_dir, task, max_length=32).save(tmp_path / "clf")  # built on the CPU
-    monkeypatch.setattr(device, "_device", torch.device("meta"))
-    fresh = Classifier.from_base(tiny_encoder_dir, task, max_length=32, num_layers=2)
-    loaded = Classifier.load(tmp_path / "clf")
-    generator, _ = load_generator(tiny_causal_dir)
+    fresh = Classifier.from_base(tiny_encoder_dir, task, max_length=32, num_layers=2, device=meta)
+    loaded = Classifier.load(tmp_path / "clf", meta)
+    generator, _ = load_generator(tiny_causal_dir, meta)
     for model in (fresh.model, loaded.model, generator):
         assert {p.device.type for p in model.parameters()} == {"meta"}
     assert {t.device.type for t in loaded.encode(ROWS).values()} == {"meta"}  # inputs follow the model
 
 
-def test_inputs_follow_the_model_not_the_chosen_device(monkeypatch, tiny_encoder_dir, tiny_causal_dir):
-    """A model a caller placed elsewhere (here: the CPU, while the chosen device is ``meta``) still works."""
+def test_stages_hand_params_device_to_the_loaders(monkeypatch, tiny_encoder_dir):
+    """The teacher stage builds its classifier on params ``device`` (resolved), not on a global."""
+    from retrikt import teacher as teacher_stage
+
+    seen = {}
+
+    def record(*args, device="cpu", **kwargs):
+        seen["device"] = device
+        raise RuntimeError("stop")  # nothing to train: the device is what this test reads
+
+    monkeypatch.setattr(teacher_stage.Classifier, "from_base", record)
+    monkeypatch.setattr(teacher_stage, "read_jsonl", lambda path: ROWS)
+    monkeypatch.setattr(teacher_stage, "resolve_device", lambda name: torch.device("meta") if name == "auto" else None)
+    with pytest.raises(RuntimeError, match="stop"):
+        teacher_stage.teacher(_params("auto"), "cb", run=None)
+    assert seen["device"] == torch.device("meta")
+
+
+def test_classifier_does_not_change_the_tokenizer_it_is_given(tiny_causal_dir):
+    """A decoder-only tokenizer has no pad token: the loaders give it EOS; the constructor refuses
+    one without, instead of changing the caller's object."""
+    import transformers as tf
+
+    from retrikt.classifier import _with_padding
+
     task = get_task("cb")
-    clf = Classifier.from_base(tiny_encoder_dir, task, max_length=32)
-    model, tok = load_generator(tiny_causal_dir)
-    torch.manual_seed(0)
-    model = attach_prompt(model, 4, "random", "", tiny_causal_dir)
-    sources, targets = [source_text(task, r["label"]) for r in ROWS], [target_text(task, r) for r in ROWS]
-
-    def run() -> tuple:
-        proba = clf.predict_proba(ROWS)
-        loss = nll(model, tok, sources, targets, max_length=64, batch_size=4, seq2seq=False)
-        texts = sample_full(model, tok, sources[:3], max_new_tokens=5, temperature=1.0, top_p=0.9, batch_size=2,
-                            seed=0).texts
-        return proba.tolist(), loss, texts
-
-    on_cpu = run()
-    monkeypatch.setattr(device, "_device", torch.device("meta"))
-    assert run() == on_cpu
+    clf = Classifier.from_base(tiny_causal_dir, task, max_length=32)
+    tok = tf.AutoTokenizer.from_pretrained(tiny_causal_dir)
+    tok.pad_token = None
+    with pytest.raises(ValueError, match="pad token"):
+        Classifier(clf.model, tok, task)
+    assert tok.pad_token is None
+    _, padded = _with_padding(clf.model, tok)  # what the loaders do to the tokenizer they load
+    assert padded.pad_token == tok.eos_token
 
 
 def test_trl_trains_where_the_model_is(monkeypatch, tmp_path):
@@ -166,9 +177,10 @@ def test_train_and_sample_on_cuda(tiny_encoder_dir, tiny_causal_dir, tiny_seq2se
 
     from .test_rl_ppo import CONDITIONS, good_fraction, ppo_config, tiny_causal_peft, tiny_tokenizer
 
-    assert device.set_device("cuda").type == "cuda"
+    cuda = device.resolve_device("cuda")
+    assert cuda.type == "cuda"
     task = get_task("cb")
-    clf = Classifier.from_base(tiny_encoder_dir, task, max_length=32, num_layers=2)
+    clf = Classifier.from_base(tiny_encoder_dir, task, max_length=32, num_layers=2, device=cuda)
     assert clf.model.device.type == "cuda"
     history = train_classifier(clf, ROWS, ROWS, epochs=2, lr=1e-3, batch_size=4, seed=0, weight_decay=0.01,
                                warmup_ratio=0.1)
@@ -177,7 +189,7 @@ def test_train_and_sample_on_cuda(tiny_encoder_dir, tiny_causal_dir, tiny_seq2se
 
     sources = [source_text(task, r["label"]) for r in ROWS]
     for folder, seq2seq in ((tiny_causal_dir, False), (tiny_seq2seq_dir, True)):
-        model, tok = load_generator(folder)
+        model, tok = load_generator(folder, cuda)
         model = attach_prompt(model, 4, "random", "", folder)
         assert model.get_prompt(1).device.type == "cuda"
         assert nll(model, tok, sources, [target_text(task, r) for r in ROWS], 64, 4, seq2seq) > 0
@@ -187,7 +199,7 @@ def test_train_and_sample_on_cuda(tiny_encoder_dir, tiny_causal_dir, tiny_seq2se
 
     tok = tiny_tokenizer()
     cfg = ppo_config(lr=0.1, batch_size=6, mini_batch_size=3, ppo_epochs=1, max_new_tokens=4, top_p=0.9, seed=0)
-    trainer = SoftPromptPPO(tiny_causal_peft(len(tok)).to(device.get_device()), tok, cfg, good_fraction)
+    trainer = SoftPromptPPO(tiny_causal_peft(len(tok)).to(cuda), tok, cfg, good_fraction)
     stats = trainer.step(CONDITIONS * 2)
     assert trainer.value_head.weight.device.type == "cuda" and stats["response_length"] > 0
 
@@ -202,12 +214,12 @@ def test_every_student_method_and_trl_on_cuda(in_tmp_repo, monkeypatch, tiny_enc
     from .test_train_student import make_tiny_repo, run_student
 
     monkeypatch.setenv("RETRIKT_MLFLOW", "0")
-    device.set_device("cuda")
+    cuda = device.resolve_device("cuda")
     params = make_tiny_repo(tiny_encoder_dir, epochs=2, retrieval_ce_weight=0.5)  # + the CE path
     for method in ("finetune", "vanilla_kd", "mgskd", "adkd", "retrikt_kd", "retrikt"):
         assert 0 <= run_student(params, method)["accuracy"] <= 1
     tok = tiny_tokenizer()
-    model = tiny_causal_peft(len(tok)).to(device.get_device())
+    model = tiny_causal_peft(len(tok)).to(cuda)
     logs = train_with_trl("grpo", model, tok, CONDITIONS, good_fraction,
                           TrlConfig(rl_params(updates=2, batch_size=8, max_new_tokens=4), 0,
                                     output_dir=str(in_tmp_repo / "trl")))

@@ -25,12 +25,10 @@ def test_self_bleu_single_or_empty_batch():
     assert corpus_self_bleu(["x"]) == 0.0
 
 
-def test_self_bleu_disjoint_is_smoothed():
-    # 4 hypothesis tokens, no match at any order: p_n = 0.1 / (#n-grams) = 0.1/4, 0.1/3, 0.1/2, 0.1/1;
-    # equal lengths -> BP = 1; BLEU = (0.1^4 / 24)^(1/4) = 0.1 / 24^(1/4)
-    expected = 0.1 / 24 ** 0.25
-    assert self_bleu(["a b c d", "e f g h"]) == pytest.approx([expected, expected])
-    assert expected == pytest.approx(0.045180, abs=1e-6)
+def test_self_bleu_disjoint_is_zero():
+    # no unigram of either text occurs in the other: NLTK (and Texygen's self-BLEU) return 0 outright,
+    # before any smoothing. (The hand-written BLEU this replaced smoothed it to 0.1 / 24^(1/4) = 0.0452.)
+    assert self_bleu(["a b c d", "e f g h"]) == [0.0, 0.0]
 
 
 def test_self_bleu_partial_overlap_step_by_step():
@@ -41,11 +39,21 @@ def test_self_bleu_partial_overlap_step_by_step():
     # 4-grams none -> 0.1/3 (smoothing); closest ref length 6 = c -> BP 1.
     h0 = (5 / 6 * 3 / 5 * 1 / 4 * 0.1 / 3) ** 0.25
     # hyp 1 is symmetric to hyp 0 ("is" instead of "sat").
-    # hyp 2 "a dog": no matches: 0.1/2, 0.1/1, 0.1/max(1, 0), 0.1/max(1, 0); c=2, r=6 -> BP = e^(1-3)
-    h2 = math.exp(-2) * (0.05 * 0.1 * 0.1 * 0.1) ** 0.25
-    assert scores == pytest.approx([h0, h0, h2], rel=1e-9)
+    # hyp 2 "a dog" shares no unigram with either reference -> 0 (NLTK, before smoothing).
+    assert scores == pytest.approx([h0, h0, 0.0], rel=1e-9)
     assert h0 == pytest.approx(0.254066, abs=1e-6)
-    assert corpus_self_bleu(texts) == pytest.approx((2 * h0 + h2) / 3)
+    assert corpus_self_bleu(texts) == pytest.approx(2 * h0 / 3)
+
+
+def test_self_bleu_short_hypothesis_is_smoothed_not_zero():
+    # hyp "x y" vs ref "x z w v q": unigram x -> 1/2; bigram none -> 0.1/1; 3-/4-grams: no hypothesis
+    # n-grams at all -> 0.1/max(1, 0) each; c=2 < r=5 -> BP = e^(1-5/2). No warning reaches the caller.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = self_bleu(["x y", "x z w v q"])
+    assert s[0] == pytest.approx(math.exp(1 - 5 / 2) * (1 / 2 * 0.1 * 0.1 * 0.1) ** 0.25, rel=1e-12)
 
 
 def test_self_bleu_clipping_and_brevity():

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from retrikt import paths
-from retrikt.device import get_device, to_device
+from retrikt.device import to_device
 from retrikt.io import atomic_dir, atomic_write_json, read_json
 from retrikt.progress import bar
 from retrikt.tasks import Task, get_task
@@ -95,25 +95,37 @@ def _report_new_head(model, info: dict, base_dir: str | Path) -> None:
              f"; {len(unused)} checkpoint weights unused" if unused else "")
 
 
+def _with_padding(model, tokenizer):
+    """A freshly loaded (model, tokenizer) made to pad: EOS as the pad token where the tokenizer has
+    none (decoder-only models), and the model config told which id that is."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
 class Classifier:
     """A sequence classifier bound to a task: renders examples, batches, predicts and embeds."""
 
     def __init__(self, model, tokenizer, task: Task, max_length: int = 128, pooling: str = "cls"):
+        """Binds ``model`` (its pooling head installed by :func:`set_pooling`) and ``tokenizer``, which
+        must pad: :meth:`from_base` and :meth:`load` make them so (:func:`_with_padding`); the tokenizer
+        and config a caller passes are not changed here."""
+        if tokenizer.pad_token is None or getattr(model.config, "pad_token_id", None) is None:
+            raise ValueError("Classifier needs a tokenizer with a pad token and a model config with pad_token_id "
+                             "(Classifier.from_base / Classifier.load set both)")
         self.model, self.tokenizer, self.task, self.max_length = model, tokenizer, task, max_length
         self.pooling = pooling
         set_pooling(model, pooling)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
 
     # -- construction ------------------------------------------------------------------------- #
     @classmethod
-    def from_base(cls, base_dir: str | Path, task: Task, max_length: int = 128,
-                  num_layers: int | None = None, pooling: str = "cls") -> "Classifier":
+    def from_base(cls, base_dir: str | Path, task: Task, max_length: int = 128, num_layers: int | None = None,
+                  pooling: str = "cls", device: "torch.device | str" = "cpu") -> "Classifier":
         """A fresh classification head on a base encoder/decoder folder (optionally its first layers),
-        on :func:`retrikt.device.get_device` (truncated first, so dropped layers never travel); the head
-        reads ``pooling`` (:func:`set_pooling`)."""
+        on ``device`` (truncated first, so dropped layers never travel); the head reads ``pooling``
+        (:func:`set_pooling`)."""
         import transformers as tf
 
         from retrikt.progress import quiet_load_report
@@ -127,18 +139,18 @@ class Classifier:
             from retrikt.models import truncate_encoder
 
             truncate_encoder(model, num_layers)
-        return cls(model.to(get_device()), tf.AutoTokenizer.from_pretrained(base_dir), task, max_length, pooling)
+        model, tok = _with_padding(model.to(device), tf.AutoTokenizer.from_pretrained(base_dir))
+        return cls(model, tok, task, max_length, pooling)
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Classifier":
-        """A saved classifier, in eval mode, on :func:`retrikt.device.get_device`."""
+    def load(cls, folder: str | Path, device: "torch.device | str" = "cpu") -> "Classifier":
+        """A saved classifier, in eval mode, on ``device``."""
         import transformers as tf
 
         meta = read_json(Path(folder) / META)
         model = tf.AutoModelForSequenceClassification.from_pretrained(folder, dtype="float32")
-        model.to(get_device()).eval()
-        return cls(model, tf.AutoTokenizer.from_pretrained(folder), get_task(meta["task"]), meta["max_length"],
-                   meta.get("pooling", "cls"))
+        model, tok = _with_padding(model.to(device).eval(), tf.AutoTokenizer.from_pretrained(folder))
+        return cls(model, tok, get_task(meta["task"]), meta["max_length"], meta.get("pooling", "cls"))
 
     def save(self, folder: str | Path, extra: dict | None = None) -> Path:
         with atomic_dir(folder) as tmp:

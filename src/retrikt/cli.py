@@ -52,20 +52,21 @@ def _setup(params_path: Path, seed: int | None = None):
 
     check_against_models(params)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    from retrikt.device import set_device, set_threads
+    from retrikt.device import resolve_device, set_threads
     from retrikt.seeding import seed_everything
 
     set_threads(params.threads)  # pinned before any compute: results depend on it
-    set_device(params.device)
+    device = resolve_device(params.device)  # a missing GPU stops here, before any compute
+    logging.getLogger("retrikt.device").info("device: %s", device)
     seed_everything(params.seed if seed is None else seed)
-    return params
+    return params, device
 
 
 def _stage(stage: str, fn: Callable, params_path: Path, task: str | None = None, *,
            run_seed: int | None = None, metrics=None, plots=None, variant: str | None = None, **kwargs):
     """Run ``fn(params, task, run=..., **kwargs)`` inside a tracked, guarded stage."""
     with _guard():
-        params = _setup(params_path, run_seed)
+        params, device = _setup(params_path, run_seed)
         if task is not None:
             from retrikt.tasks import get_task
 
@@ -84,7 +85,7 @@ def _stage(stage: str, fn: Callable, params_path: Path, task: str | None = None,
         from retrikt.device import execution_info
 
         with StageRun(stage, metrics_path=mpath, task=task, seed=logged["seed"], params=logged, plots=plots,
-                      tags=tags, execution=execution_info()) as run:
+                      tags=tags, execution=execution_info(device)) as run:
             args = (params, task) if task is not None else (params,)
             return fn(*args, run=run, **kwargs)
 
@@ -222,7 +223,7 @@ def predict(task: str = typer.Argument(..., help="task name, e.g. cb"),
         get_task(task)
         p = load_params(params)
         from retrikt import paths
-        from retrikt.device import set_device, set_threads
+        from retrikt.device import resolve_device, set_threads
         from retrikt.predict import format_prediction, parse_cli_inputs
         from retrikt.retrieval import predict as run_predict
 
@@ -230,9 +231,9 @@ def predict(task: str = typer.Argument(..., help="task name, e.g. cb"),
         if not folder.exists():
             _fail(f"{folder}: no trained student (run `dvc repro` or pass --student)", 1)
         set_threads(p.threads)
-        set_device(p.device)
+        device = resolve_device(p.device)
         inputs = parse_cli_inputs(task, fields, jsonl)
-        preds = run_predict(task, folder, inputs, p.student.retrieval_top_k if k is None else k)
+        preds = run_predict(task, folder, inputs, p.student.retrieval_top_k if k is None else k, device)
     for pred in preds:
         typer.echo(_json.dumps(pred, ensure_ascii=False) if as_json else format_prediction(pred, task))
 

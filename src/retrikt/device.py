@@ -1,10 +1,12 @@
-"""The torch device every stage computes on (params ``device``), chosen once per process.
+"""The torch device a stage computes on (params ``device``), and the thread count.
 
-The CLI calls :func:`set_device` right after validating params, so ``device: cuda`` on a machine
-without a GPU stops the stage with one line before any compute. Code that loads a model puts it on
-:func:`get_device`; code that feeds a model moves its inputs to *that model's* device, so library
-functions also work on a model a caller placed elsewhere. Without a call (tests, notebooks) the
-device is the CPU. FAISS always runs on the CPU (faiss-cpu): embeddings leave torch as numpy.
+There is no process-wide device: :func:`resolve_device` turns params ``device`` into a
+``torch.device`` (the CLI calls it right after validating params, so ``device: cuda`` on a machine
+without a GPU stops the stage with one line before any compute), each stage resolves it from its
+params and hands it to the loaders (``Classifier.from_base/load``, ``models.load_generator``), whose
+``device`` argument defaults to the CPU. Code that feeds a model moves its inputs to *that model's*
+device, so library functions also work on a model a caller placed elsewhere. FAISS always runs on the
+CPU (faiss-cpu): embeddings leave torch as numpy.
 """
 
 from __future__ import annotations
@@ -18,12 +20,11 @@ import torch
 from retrikt.params import ParamsError
 
 log = logging.getLogger(__name__)
-_device = torch.device("cpu")
 
 
-def set_device(name: str) -> torch.device:
-    """Resolve ``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` and use it."""
-    global _device
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` as a ``torch.device``;
+    a CUDA device torch cannot see is a :class:`ParamsError`."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -37,8 +38,6 @@ def set_device(name: str) -> torch.device:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         if device.index is not None:
             torch.cuda.set_device(device)  # so that tensors made on plain "cuda" land on the same GPU
-    _device = device
-    log.info("device: %s", device)
     return device
 
 
@@ -69,15 +68,10 @@ def set_threads(n: int) -> int:
     return n
 
 
-def execution_info() -> dict[str, str]:
+def execution_info(device: torch.device) -> dict[str, str]:
     """What a run's numbers depend on besides params and data: recorded with every stage (timings, MLflow tags)."""
-    return {"device": str(_device), "threads": str(torch.get_num_threads()), "torch": torch.__version__,
+    return {"device": str(device), "threads": str(torch.get_num_threads()), "torch": torch.__version__,
             "deterministic": str(torch.are_deterministic_algorithms_enabled()).lower()}
-
-
-def get_device() -> torch.device:
-    """The device of :func:`set_device` (the CPU if it was never called)."""
-    return _device
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

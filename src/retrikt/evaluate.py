@@ -38,6 +38,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from retrikt import paths
+from retrikt.device import resolve_device
 from retrikt.io import atomic_write_json, atomic_write_text
 from retrikt.methods import BASELINES, METHODS, REGISTRY
 from retrikt.params import Params
@@ -227,7 +228,7 @@ def _retrieval_panel(params: Params, reader: TaskReader):
     layers, seed = params.student.layers[0], params.seeds[0]
     rows = [validation[i] for i in F.pick_examples(task, validation, RETRIEVAL_EXAMPLES)]
     preds = reader.retrieval(paths.student(task.name, PROPOSED, layers, seed), rows,
-                             min(RETRIEVAL_SHOWN, params.student.retrieval_top_k))
+                             min(RETRIEVAL_SHOWN, params.student.retrieval_top_k), resolve_device(params.device))
     return None if preds is None else F.retrieval_figure(task, rows, preds, f"{PROPOSED}-L{layers}-s{seed}")
 
 

@@ -46,6 +46,7 @@ import numpy as np
 
 from retrikt import paths
 from retrikt.classifier import Classifier
+from retrikt.device import resolve_device
 from retrikt.io import (
     DataError,
     MissingInputError,
@@ -186,7 +187,7 @@ def _sample_llm(params: Params, task: Task, train: list[dict]) -> tuple[list[tup
     adapter = paths.rl(task.name) if use_rl else paths.prompt(task.name)
     if not (adapter / "adapter_config.json").exists():
         raise MissingInputError(f"{adapter}: no soft prompt (run the prompt_tune stage first)")
-    model, tok = load_with_prompt(paths.base_model("generator"), adapter)
+    model, tok = load_with_prompt(paths.base_model("generator"), adapter, device=resolve_device(params.device))
     budget = length_budget(gp.max_new_tokens, tok, task, train)
     forced = gp.force_field_names and field_name_tokens(tok, task.line_names) is not None
     if gp.force_field_names and not forced:
@@ -247,7 +248,7 @@ def generate(params: Params, task_name: str, run) -> dict:
     n_samples = counts["samples"]
 
     cands, clean = clean_examples(task, [ex for ex, _, _ in drawn], train, validation, gp.near_dup_threshold)
-    teacher = Classifier.load(paths.teacher(task.name))
+    teacher = Classifier.load(paths.teacher(task.name), resolve_device(params.device))
     proba = (teacher.predict_proba([drawn[i][0] for i in cands], desc=f"generate {task.name}: soft labels")
              if cands else np.zeros((0, task.num_labels)))
     conditioned = [drawn[i][1] for i in cands]

@@ -25,6 +25,7 @@ import numpy as np
 
 from retrikt import paths, store
 from retrikt.classifier import Classifier
+from retrikt.device import resolve_device
 from retrikt.io import read_jsonl
 from retrikt.models import sha256_file
 from retrikt.params import Params
@@ -56,7 +57,7 @@ def index(params: Params, task_name: str, run) -> dict:
     task, ip = get_task(task_name), params.index
     entries = store.load_entries(task.name)
     teacher_dir = paths.teacher(task.name)
-    teacher = Classifier.load(teacher_dir)
+    teacher = Classifier.load(teacher_dir, resolve_device(params.device))
 
     t0 = time.perf_counter()
     emb = teacher.embed(entries, desc=f"index {task.name}: embed the store")

@@ -162,13 +162,14 @@ def attach_prompt(model, num_virtual_tokens: int, init: str, init_text: str,
     return get_peft_model(model, config)
 
 
-def load_with_prompt(generator_dir: str | Path, adapter_dir: str | Path, trainable: bool = False):
-    """``(peft_model, tokenizer)``: the frozen generator with a saved soft prompt (trainable if asked).
+def load_with_prompt(generator_dir: str | Path, adapter_dir: str | Path, trainable: bool = False,
+                     device: "torch.device | str" = "cpu"):
+    """``(peft_model, tokenizer)``: the frozen generator with a saved soft prompt (trainable if asked), on ``device``.
 
     PEFT refuses ``is_trainable=True`` for prompt-learning adapters, so the prompt is loaded frozen
     and its embedding unfrozen here (the base model stays frozen either way).
     """
-    model, tok = load_generator(generator_dir)
+    model, tok = load_generator(generator_dir, device)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir), torch_device=str(model.device))
     peft_model.requires_grad_(False)
     if trainable:

@@ -37,13 +37,9 @@ def is_seq2seq(folder: str | Path) -> bool:
     return bool(getattr(tf.AutoConfig.from_pretrained(folder), "is_encoder_decoder", False))
 
 
-def load_generator(folder: str | Path):
-    """(model, tokenizer) for a causal or seq2seq generator folder, in eval mode, frozen, on
-    :func:`retrikt.device.get_device` (:func:`retrikt.resolve_model.resolve` instead stays on the CPU: it only
-    converts)."""
+def load_generator(folder: str | Path, device: "torch.device | str" = "cpu"):
+    """(model, tokenizer) for a causal or seq2seq generator folder, in eval mode, frozen, on ``device``."""
     import transformers as tf
-
-    from retrikt.device import get_device
 
     config = tf.AutoConfig.from_pretrained(folder)
     cls = tf.AutoModelForSeq2SeqLM if config.is_encoder_decoder else tf.AutoModelForCausalLM
@@ -51,7 +47,7 @@ def load_generator(folder: str | Path):
     tok = tf.AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.to(get_device()).eval().requires_grad_(False)
+    model.to(device).eval().requires_grad_(False)
     return model, tok
 
 

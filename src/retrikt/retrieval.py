@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from retrikt import paths, store
 from retrikt.classifier import META, Classifier
 from retrikt.io import DataError, MissingInputError, read_json, read_jsonl
 from retrikt.tasks import Task, get_task
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 STORE_SUBDIR = "store"
 
@@ -67,12 +70,12 @@ class Student:
         return retrieval_proba(self.clf.embed(rows), self.index, self.ids, self.soft, k or r["top_k"], r["tau"])
 
 
-def load_student(folder: str | Path) -> Student:
+def load_student(folder: str | Path, device: "torch.device | str" = "cpu") -> Student:
     folder = Path(folder)
     meta = read_json(folder / META) if (folder / META).exists() else {}
     if "method" not in meta:
         raise MissingInputError(f"{folder}: not a student folder (no {META} naming a method)")
-    clf = Classifier.load(folder)
+    clf = Classifier.load(folder, device)
     if meta.get("method") != "retrikt":
         return Student(clf, meta)
     index, ids, _ = store.load_index(folder / STORE_SUBDIR)
@@ -83,12 +86,13 @@ def load_student(folder: str | Path) -> Student:
     return Student(clf, meta, index, ids, entries, store.soft_labels(entries))
 
 
-def predict(task: str | Task, student_dir: str | Path, inputs: Sequence[dict], k: int | None = None) -> list[dict]:
+def predict(task: str | Task, student_dir: str | Path, inputs: Sequence[dict], k: int | None = None,
+            device: "torch.device | str" = "cpu") -> list[dict]:
     """Per input: ``label``, ``label_index``, ``proba`` (label -> p) and, for ``retrikt``, ``evidence``:
     the top-k store entries (``id``, ``similarity``, ``soft_label`` as label -> p, the entry's
     conditioning ``label`` and its input fields), most similar first."""
     task = get_task(task) if isinstance(task, str) else task
-    student = load_student(student_dir)
+    student = load_student(student_dir, device)
     if student.clf.task.name != task.name:
         raise DataError(f"{student_dir}: a {student.clf.task.name} student, not {task.name}")
     if k is not None and k < 1:

@@ -24,6 +24,7 @@ import torch
 
 from retrikt import paths, store
 from retrikt.classifier import Classifier, fit, write_predictions
+from retrikt.device import resolve_device
 from retrikt.distill import objectives
 from retrikt.io import atomic_dir, read_jsonl
 from retrikt.methods import get_method
@@ -39,8 +40,8 @@ LATENCY_EXAMPLES = 64
 LATENCY_ROUNDS = 3  # A/B rounds over the LATENCY_EXAMPLES validation rows
 
 
-def _load_teacher(task: str) -> Classifier:
-    teacher = Classifier.load(paths.teacher(task))
+def _load_teacher(task: str, device) -> Classifier:
+    teacher = Classifier.load(paths.teacher(task), device)
     teacher.model.requires_grad_(False).eval()
     return teacher
 
@@ -67,9 +68,10 @@ def train_student(params: Params, task_name: str, run, *, method: str, layers: i
     task, sp = get_task(task_name), params.student
     train = read_jsonl(paths.split_file(task.name, "train"))
     validation = read_jsonl(paths.split_file(task.name, "validation"))
+    device = resolve_device(params.device)
     student = Classifier.from_base(paths.base_model("encoder"), task, sp.max_length, num_layers=layers,
-                                   pooling=sp.pooling)
-    teacher = _load_teacher(task.name) if spec.needs_teacher else None
+                                   pooling=sp.pooling, device=device)
+    teacher = _load_teacher(task.name, device) if spec.needs_teacher else None
     entries = store.load_entries(task.name) if spec.needs_store else None
     t0 = time.perf_counter()  # training time includes the one-off teacher passes
     objective = getattr(objectives, spec.objective)(student, teacher, train, entries, params)

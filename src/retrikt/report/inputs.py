@@ -147,11 +147,11 @@ class TaskReader:
         path = paths.store_entries(self.task.name)
         return None if self._absent(path) else store.load_entries(self.task.name, path)
 
-    def retrieval(self, folder: Path, inputs: Sequence[dict], k: int) -> list[dict] | None:
+    def retrieval(self, folder: Path, inputs: Sequence[dict], k: int, device="cpu") -> list[dict] | None:
         """:func:`retrikt.retrieval.predict` of the retrieval student in ``folder`` on ``inputs`` (top ``k``
         evidence each), or None when the folder is absent."""
         if self._absent(folder):
             return None
         from retrikt.retrieval import predict
 
-        return predict(self.task, folder, [{f: r[f] for f in self.task.input_fields} for r in inputs], k)
+        return predict(self.task, folder, [{f: r[f] for f in self.task.input_fields} for r in inputs], k, device)

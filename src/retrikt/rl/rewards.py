@@ -3,62 +3,39 @@
 confidence is the reward model's probability of the conditioning label given the parsed sample,
 p_RM(label | sample) (not an accuracy: it is a probability, averaged over samples).
 
-Pure Python + numpy. The stage builds ``parse_fn`` / ``prob_fn`` closures (sample parser, teacher
+Pure Python + numpy (+ NLTK's BLEU). The stage builds ``parse_fn`` / ``prob_fn`` closures (sample parser, teacher
 reward model) and hands :func:`compute_rewards` to the RL trainer as ``reward_fn(texts)``.
 """
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-BLEU_SMOOTH_EPS = 0.1  # smoothing method 1 (Chen & Cherry 2014; NLTK ``method1``)
-
-
-def _ngrams(tokens: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-
-
-def _bleu(hyp: list[str], refs: list[list[str]], max_n: int) -> float:
-    """Sentence BLEU of ``hyp`` against ``refs`` (uniform weights, smoothing method 1).
-
-    p_n = sum_g min(count_hyp(g), max_r count_r(g)) / max(1, #hyp n-grams); a zero numerator
-    becomes ``BLEU_SMOOTH_EPS / max(1, #hyp n-grams)``. BLEU = BP * exp(mean_n log p_n) with
-    BP = 1 if c > r else exp(1 - r / c), r = reference length closest to c (ties: the shorter).
-    Unlike NLTK we do not return 0 when no unigram matches, so disjoint texts get a small smoothed
-    value; an empty hypothesis scores 0.
-    """
-    c = len(hyp)
-    if c == 0 or not refs:
-        return 0.0
-    log_p = 0.0
-    for n in range(1, max_n + 1):
-        hyp_counts = _ngrams(hyp, n)
-        max_ref: Counter = Counter()
-        for ref in refs:
-            for g, k in _ngrams(ref, n).items():
-                max_ref[g] = max(max_ref[g], k)
-        clipped = sum(min(k, max_ref[g]) for g, k in hyp_counts.items())
-        denom = max(1, sum(hyp_counts.values()))
-        log_p += math.log((clipped if clipped > 0 else BLEU_SMOOTH_EPS) / denom)
-    r = min((len(ref) for ref in refs), key=lambda length: (abs(length - c), length))
-    bp = 1.0 if c > r else math.exp(1.0 - r / c)
-    return bp * math.exp(log_p / max_n)
-
 
 def self_bleu(texts: list[str], max_n: int = 4) -> list[float]:
-    """Per-text BLEU-``max_n`` against all other texts of the batch (lower-cased whitespace tokens).
+    """Per-text BLEU-``max_n`` against all other texts of the batch: the self-BLEU of Texygen (Zhu et
+    al. 2018) that synthetic-data papers report, i.e. NLTK's ``sentence_bleu`` with uniform weights and
+    ``SmoothingFunction().method1`` (a zero n-gram count becomes 0.1 / #hyp n-grams). NLTK returns 0
+    for a text that shares no unigram with any other. Tokens: lower-cased whitespace words (Texygen's
+    ``word_tokenize`` needs NLTK data that is not on PyPI).
 
     A batch with fewer than two texts has no references and scores 0.0 everywhere.
     """
+    import warnings
+
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
     toks = [t.lower().split() for t in texts]
     if len(toks) < 2:
         return [0.0] * len(toks)
-    return [_bleu(h, toks[:i] + toks[i + 1 :], max_n) for i, h in enumerate(toks)]
+    weights, smooth = (1.0 / max_n,) * max_n, SmoothingFunction().method1
+    with warnings.catch_warnings():  # NLTK warns about every hypothesis shorter than max_n
+        warnings.simplefilter("ignore", UserWarning)
+        return [float(sentence_bleu(toks[:i] + toks[i + 1 :], h, weights, smoothing_function=smooth))
+                for i, h in enumerate(toks)]
 
 
 def corpus_self_bleu(texts: list[str], max_n: int = 4) -> float:

@@ -29,6 +29,7 @@ import torch
 
 from retrikt import paths
 from retrikt.classifier import Classifier
+from retrikt.device import resolve_device
 from retrikt.io import atomic_dir, atomic_write_json, read_jsonl
 from retrikt.llm import draw_labels, label_prior, length_budget, load_with_prompt, sample_full, source_text
 from retrikt.params import Params
@@ -142,13 +143,14 @@ def rl(params: Params, task_name: str, run) -> dict:
 
     t0 = time.perf_counter()
     train = read_jsonl(paths.split_file(task.name, "train"))
-    rm = Classifier.load(paths.teacher(task.name))
+    device = resolve_device(params.device)
+    rm = Classifier.load(paths.teacher(task.name), device)
     bounds = length_bounds([len(task.serialise(r).split()) for r in train], rp.len_low_pct, rp.len_high_pct)
     weights = RewardWeights(confidence=rp.w_confidence, diversity=rp.w_div, length=rp.w_len,
                             parse_penalty=rp.parse_penalty)
     reward = RolloutReward(task, rm, weights, bounds)
     # PEFT refuses is_trainable for saved prompt adapters: load frozen, then unfreeze the prompt only
-    model, tok = load_with_prompt(paths.base_model("generator"), paths.prompt(task.name))
+    model, tok = load_with_prompt(paths.base_model("generator"), paths.prompt(task.name), device=device)
     model.get_base_model().to(getattr(torch, rp.dtype))  # the frozen generator computes in rl.dtype ...
     model.prompt_encoder.float()  # ... the prompt trains (and is saved) in float32
     model.prompt_encoder[model.active_adapter].requires_grad_(True)
