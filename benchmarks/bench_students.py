@@ -7,6 +7,7 @@ encoder if the teacher is not trained yet), and — TIMING ONLY — a stand-in s
 long), soft-labelled by the teacher. The pipeline never does this: its store comes from the
 generate stage. Then runs the index stage and one student per method × layers.
 
+    python benchmarks/bench_students.py --quick    # < 2 min: finetune + retrikt, L2, 1 epoch, fp32 vs bf16
     python benchmarks/bench_students.py --epochs 1 --layers 2 4 --out /tmp/bench_students.json
     python benchmarks/bench_students.py --dtypes float32 bfloat16 --seeds 0 1 2 --epochs 3 --layers 2 \
         --teacher models/cb/teacher          # fp32/bf16 seconds per epoch and accuracy, per method
@@ -63,8 +64,10 @@ def build_repo(root: Path, store_size: int, teacher: Path | None = None) -> None
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="finetune and retrikt, L2, 1 epoch, float32 vs bfloat16, 2 threads (< 2 min)")
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--layers", type=int, nargs="+", default=None, help="default 2 4 (quick: 2)")
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--store", type=int, default=150)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -75,6 +78,11 @@ def main() -> None:
                     help="a trained teacher folder (default: models/cb/teacher, else an untrained head)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.quick:
+        args.methods = args.methods or ["finetune", "retrikt"]
+        args.dtypes = args.dtypes or ["float32", "bfloat16"]
+        args.threads = args.threads or 2
+    args.layers = args.layers or ([2] if args.quick else [2, 4])
     if args.threads:
         import torch
 
