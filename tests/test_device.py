@@ -224,3 +224,51 @@ def test_every_student_method_and_trl_on_cuda(in_tmp_repo, monkeypatch, tiny_enc
                           TrlConfig(rl_params(updates=2, batch_size=8, max_new_tokens=4), 0,
                                     output_dir=str(in_tmp_repo / "trl")))
     assert len(logs) == 2 and model.prompt_encoder["default"].embedding.weight.device.type == "cuda"
+
+
+# ------------------------------------------------------------------------------ dtype: auto
+def test_auto_dtype_is_bf16_only_where_the_device_computes_it(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device, "bf16_native", lambda d: True)
+    assert device.resolve_dtype("auto", cpu) == "bfloat16"
+    monkeypatch.setattr(device, "bf16_native", lambda d: False)
+    assert device.resolve_dtype("auto", cpu) == "float32"
+    for explicit in ("float32", "bfloat16"):  # an explicit value is kept, native or not
+        assert device.resolve_dtype(explicit, cpu) == explicit
+
+
+def test_bf16_native_follows_onednn_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert device.bf16_native(torch.device("cpu")) is False
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert device.bf16_native(torch.device("cpu")) is True
+    assert device.bf16_native(torch.device("meta")) is False
+    assert device.execution_info(torch.device("cpu"))["bf16_native"] == "true"
+
+
+@pytest.mark.parametrize("section", ["teacher", "prompt_tune", "rl", "generate", "student"])
+def test_every_dtype_key_accepts_auto(section):
+    raw = copy.deepcopy(RAW)
+    raw[section]["dtype"] = "auto"
+    assert getattr(parse_params(raw), section).dtype == "auto"
+
+
+def test_the_student_stage_trains_in_the_resolved_dtype(monkeypatch):
+    from retrikt.distill import train as train_stage
+
+    seen = {}
+    monkeypatch.setattr(train_stage, "resolve_dtype", lambda name, dev: f"resolved-{name}")
+
+    def stop(*args, dtype, **kwargs):
+        seen["dtype"] = dtype
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(train_stage, "fit", stop)
+    monkeypatch.setattr(train_stage, "read_jsonl", lambda path: ROWS)
+    monkeypatch.setattr(train_stage.Classifier, "from_base", lambda *a, **k: None)
+    monkeypatch.setattr(train_stage.objectives, "finetune", lambda *a: type("O", (), {"extra": None})())
+    raw = copy.deepcopy(RAW)
+    raw["student"]["dtype"] = "auto"
+    with pytest.raises(RuntimeError, match="stop"):
+        train_stage.train_student(parse_params(raw), "cb", None, method="finetune", layers=2, seed=0)
+    assert seen["dtype"] == "resolved-auto"

@@ -41,6 +41,28 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware: a CUDA GPU that supports it, or a CPU whose
+    oneDNN has bf16 kernels (AVX-512 BF16 / AMX). Elsewhere torch falls back to a reference GEMM: on an
+    AVX2-only CPU (AMD Zen 3) a bf16 matmul + backward ran 20x slower than float32 (2.16 s vs 0.107 s)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # pragma: no cover - a torch build without oneDNN
+            return False
+    return False
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """A params ``dtype`` (``auto``, ``float32``, ``bfloat16``) as the compute dtype to use on ``device``:
+    ``auto`` is bfloat16 where :func:`bf16_native`, else float32. An explicit value is kept as it is."""
+    if name != "auto":
+        return name
+    return "bfloat16" if bf16_native(device) else "float32"
+
+
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -70,7 +92,8 @@ def set_threads(n: int) -> int:
 
 def execution_info(device: torch.device) -> dict[str, str]:
     """What a run's numbers depend on besides params and data: recorded with every stage (timings, MLflow tags)."""
-    return {"device": str(device), "threads": str(torch.get_num_threads()), "torch": torch.__version__,
+    return {"device": str(device), "bf16_native": str(bf16_native(device)).lower(),
+            "threads": str(torch.get_num_threads()), "torch": torch.__version__,
             "deterministic": str(torch.are_deterministic_algorithms_enabled()).lower()}
 
 

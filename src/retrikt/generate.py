@@ -46,7 +46,7 @@ import numpy as np
 
 from retrikt import paths
 from retrikt.classifier import Classifier
-from retrikt.device import resolve_device
+from retrikt.device import resolve_device, resolve_dtype
 from retrikt.io import (
     DataError,
     MissingInputError,
@@ -187,19 +187,21 @@ def _sample_llm(params: Params, task: Task, train: list[dict]) -> tuple[list[tup
     adapter = paths.rl(task.name) if use_rl else paths.prompt(task.name)
     if not (adapter / "adapter_config.json").exists():
         raise MissingInputError(f"{adapter}: no soft prompt (run the prompt_tune stage first)")
-    model, tok = load_with_prompt(paths.base_model("generator"), adapter, device=resolve_device(params.device))
+    device = resolve_device(params.device)
+    dtype = resolve_dtype(gp.dtype, device)
+    model, tok = load_with_prompt(paths.base_model("generator"), adapter, device=device)
     budget = length_budget(gp.max_new_tokens, tok, task, train)
     forced = gp.force_field_names and field_name_tokens(tok, task.line_names) is not None
     if gp.force_field_names and not forced:
         log.warning("generate: this tokenizer merges line breaks with text: field names are not forced")
     labels = draw_labels(np.random.default_rng(params.seed), gp.num_samples, task.num_labels,
                          "balanced" if gp.balance else "prior", label_prior(train, task.num_labels))
-    log.info("generate: %d samples from %s (max_new_tokens %d, %s)", len(labels), adapter, budget, gp.dtype)
+    log.info("generate: %d samples from %s (max_new_tokens %d, %s)", len(labels), adapter, budget, dtype)
     t0 = time.time()
     with bar(total=len(labels), desc=f"generate {task.name}: sampling", unit="sample") as b:
         drawn = sample_full(model, tok, [source_text(task, lab) for lab in labels], max_new_tokens=budget,
                             temperature=gp.temperature, top_p=gp.top_p, batch_size=gp.batch_size, seed=params.seed,
-                            dtype=gp.dtype, stop_lines=len(task.line_names) if gp.end_at_last_line else None,
+                            dtype=dtype, stop_lines=len(task.line_names) if gp.end_at_last_line else None,
                             field_names=task.line_names if forced else None, on_done=lambda _: b.update(1))
         b.set_postfix(tokens_per_s=drawn.tokens / max(time.time() - t0, 1e-9))
     seconds = time.time() - t0

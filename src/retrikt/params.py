@@ -81,7 +81,7 @@ class TeacherParams:
     max_length: int = _f(lo=8, hi=4096)
     weight_decay: float = _f(lo=0)
     warmup_ratio: float = _f(lo=0, hi=1)
-    dtype: Literal["float32", "bfloat16"]  # training compute dtype (bf16: fp32 master weights, autocast)
+    dtype: Literal["auto", "float32", "bfloat16"]  # training compute dtype (bf16: fp32 master weights, autocast)
     pooling: Literal["cls", "mean"]  # what the classification head reads: [CLS] or the masked token mean
 
 
@@ -95,7 +95,7 @@ class PromptTuneParams:
     batch_size: int = _f(lo=1)
     max_length: int = _f(lo=16, hi=4096)
     train_limit: Optional[int] = _f(lo=1)
-    dtype: Literal["float32", "bfloat16"]  # the frozen generator's compute dtype (the prompt stays float32)
+    dtype: Literal["auto", "float32", "bfloat16"]  # the frozen generator's compute dtype (the prompt stays float32)
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class RLParams:
     max_new_tokens: Union[int, Literal["auto"]] = _f(lo=1, hi=2048)
     temperature: float = _f(lo=0, lo_open=True)
     top_p: float = _f(lo=0, hi=1, lo_open=True)
-    dtype: Literal["float32", "bfloat16"]  # the frozen generator's compute dtype (sampling and the policy forward)
+    dtype: Literal["auto", "float32", "bfloat16"]  # the frozen generator's compute dtype (sampler, policy forward)
     end_at_last_line: bool
     force_field_names: bool
     label_sampling: Literal["uniform", "prior"]
@@ -143,7 +143,7 @@ class GenerateParams:
     num_samples: int = _f(lo=1)
     balance: bool
     batch_size: int = _f(lo=1)
-    dtype: Literal["float32", "bfloat16"]
+    dtype: Literal["auto", "float32", "bfloat16"]
     max_new_tokens: Union[int, Literal["auto"]] = _f(lo=1, hi=2048)
     temperature: float = _f(lo=0, lo_open=True)
     top_p: float = _f(lo=0, hi=1, lo_open=True)
@@ -186,7 +186,7 @@ class StudentParams:
     retrieval_queries: Literal["train", "train+store"]
     retrieval_candidate_grad: bool
     pooling: Literal["cls", "mean"]  # what the classification head reads: [CLS] or the masked token mean
-    dtype: Literal["float32", "bfloat16"]  # training compute dtype (bf16: fp32 master weights, autocast)
+    dtype: Literal["auto", "float32", "bfloat16"]  # training compute dtype (bf16: fp32 master weights, autocast)
     store_epochs: int = _f(lo=1)  # epochs of the store methods (their data is train + the store)
 
     @property

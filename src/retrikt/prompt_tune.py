@@ -24,7 +24,7 @@ import torch
 
 from retrikt import paths
 from retrikt.classifier import batches
-from retrikt.device import resolve_device
+from retrikt.device import resolve_device, resolve_dtype
 from retrikt.io import DataError, atomic_dir, atomic_write_json, read_jsonl
 from retrikt.llm import attach_prompt, nll, source_text, target_text, token_nll, tokenize_for_training
 from retrikt.models import count_parameters, is_seq2seq, load_generator, model_info
@@ -49,9 +49,10 @@ def prompt_tune(params: Params, task_name: str, run) -> dict:
 
     gen_dir = paths.base_model("generator")
     seq2seq = is_seq2seq(gen_dir)
-    model, tok = load_generator(gen_dir, resolve_device(params.device))
+    device = resolve_device(params.device)
+    model, tok = load_generator(gen_dir, device)
     torch.manual_seed(params.seed)  # random prompt init
-    model.to(getattr(torch, pp.dtype))  # the frozen generator computes in prompt_tune.dtype ...
+    model.to(getattr(torch, resolve_dtype(pp.dtype, device)))  # the frozen generator computes in prompt_tune.dtype ...
     model = attach_prompt(model, pp.num_virtual_tokens, pp.init, pp.init_text, gen_dir).eval()
     model.prompt_encoder.float()  # ... the prompt itself trains (and is saved) in float32
     trainable = [p for p in model.parameters() if p.requires_grad]

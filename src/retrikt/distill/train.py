@@ -24,7 +24,7 @@ import torch
 
 from retrikt import paths, store
 from retrikt.classifier import Classifier, fit, write_predictions
-from retrikt.device import resolve_device
+from retrikt.device import resolve_device, resolve_dtype
 from retrikt.distill import objectives
 from retrikt.io import atomic_dir, read_jsonl
 from retrikt.methods import get_method
@@ -82,7 +82,7 @@ def train_student(params: Params, task_name: str, run, *, method: str, layers: i
     fit(objective, student, validation, epochs=epochs, lr=sp.lr, batch_size=sp.batch_size, seed=seed,
         weight_decay=params.student.weight_decay, warmup_ratio=params.student.warmup_ratio,
         on_epoch=lambda row: run.add_plot_row("student_curve", row, step_key="epoch"),
-        desc=f"{method}-L{layers}-s{seed} {task.name}", dtype=sp.dtype)
+        desc=f"{method}-L{layers}-s{seed} {task.name}", dtype=resolve_dtype(sp.dtype, device))
     objective.release()
     train_seconds = time.perf_counter() - t0
 

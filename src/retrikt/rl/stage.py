@@ -29,7 +29,7 @@ import torch
 
 from retrikt import paths
 from retrikt.classifier import Classifier
-from retrikt.device import resolve_device
+from retrikt.device import resolve_device, resolve_dtype
 from retrikt.io import atomic_dir, atomic_write_json, read_jsonl
 from retrikt.llm import draw_labels, label_prior, length_budget, load_with_prompt, sample_full, source_text
 from retrikt.params import Params
@@ -144,6 +144,7 @@ def rl(params: Params, task_name: str, run) -> dict:
     t0 = time.perf_counter()
     train = read_jsonl(paths.split_file(task.name, "train"))
     device = resolve_device(params.device)
+    rp = dataclasses.replace(rp, dtype=resolve_dtype(rp.dtype, device))  # `auto` -> what this device runs natively
     rm = Classifier.load(paths.teacher(task.name), device)
     bounds = length_bounds([len(task.serialise(r).split()) for r in train], rp.len_low_pct, rp.len_high_pct)
     weights = RewardWeights(confidence=rp.w_confidence, diversity=rp.w_div, length=rp.w_len,
