@@ -86,7 +86,8 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--slots", type=int, default=128, help="our decode slots")
     ap.add_argument("--hf-batch", type=int, default=16)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="our sampler's dtype; auto: bfloat16 where the CPU computes it natively, else float32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nll-rows", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="64 samples, max_new_tokens 96, 16 NLL rows")
@@ -101,6 +102,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from retrikt.device import resolve_dtype
+
+    args.dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     from peft import PeftModel
 
     from retrikt import paths
