@@ -32,8 +32,10 @@ RL: RLParams = parse_params(yaml.safe_load((Path(__file__).resolve().parents[1] 
 
 
 def rl_params(**settings) -> RLParams:
-    """params.yaml's `rl` section with a test's own settings on top (the code has no defaults)."""
-    return dataclasses.replace(RL, **settings)
+    """params.yaml's `rl` section with a test's own settings on top (the code has no defaults). The
+    dtype is pinned to bfloat16 (what these tests were written against) rather than params.yaml's
+    `auto`, so that a test samples the same texts on every machine."""
+    return dataclasses.replace(RL, **{"dtype": "bfloat16", **settings})
 
 
 def ppo_config(seed: int = 0, **settings) -> PPOConfig:

@@ -498,8 +498,12 @@ def draw_samples(model, tok, sources: Sequence[str], *, max_new_tokens: int, tem
     with EOS). ``field_names``: write ``"<name>:"`` at the start of line k for the model (the k-th
     name), so that a sample's lines carry the serialisation's field names in order; ignored (None
     returned by :func:`field_name_tokens`) for a tokenizer that merges line breaks with text."""
+    if dtype == "auto":  # params' `auto`: bfloat16 where the model's device computes it natively
+        from retrikt.device import resolve_dtype
+
+        dtype = resolve_dtype(dtype, next(model.parameters()).device)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {dtype!r}")
     if tok.eos_token_id is None:
         raise ValueError("the generator's tokenizer has no EOS token; the generator cannot learn to stop")
     eos = int(tok.eos_token_id)
