@@ -24,7 +24,7 @@ from retrikt.index import index as index_stage
 from retrikt.io import read_json, read_jsonl, write_jsonl
 from retrikt.methods import METHODS
 from retrikt.params import Params, parse_params
-from retrikt.retrieval import STORE_SUBDIR, load_student
+from retrikt.retrieval import load_student
 from retrikt.tasks import get_task
 from retrikt.tracking import StageRun
 
@@ -134,7 +134,7 @@ def test_every_method_beats_chance_and_writes_outputs(repo, method):
     assert (m["store_bytes"] > 0) == (method in ("retrikt", "retrikt_kd"))
     folder = paths.student(TASK, method, 2, 0)
     assert read_json(folder / "retrikt_classifier.json")["method"] == method
-    assert (folder / STORE_SUBDIR / "index.faiss").exists() if method == "retrikt" else True
+    assert (folder / paths.STORE_SUBDIR / paths.INDEX_FILE).exists() if method == "retrikt" else True
     preds = read_json(paths.predictions(TASK, f"{method}-L2-s0"))
     assert len(preds["proba"]) == 30 and np.allclose(np.sum(preds["proba"], 1), 1, atol=1e-4)
     curve = read_json(paths.plot(TASK, f"student_curve_{method}-L2-s0"))

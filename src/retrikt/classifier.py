@@ -25,7 +25,6 @@ from retrikt.progress import bar
 from retrikt.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
-META = "retrikt_classifier.json"
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -147,7 +146,7 @@ class Classifier:
         """A saved classifier, in eval mode, on ``device``."""
         import transformers as tf
 
-        meta = read_json(Path(folder) / META)
+        meta = read_json(Path(folder) / paths.CLASSIFIER_META)
         model = tf.AutoModelForSequenceClassification.from_pretrained(folder, dtype="float32")
         model, tok = _with_padding(model.to(device).eval(), tf.AutoTokenizer.from_pretrained(folder))
         return cls(model, tok, get_task(meta["task"]), meta["max_length"], meta.get("pooling", "cls"))
@@ -156,9 +155,9 @@ class Classifier:
         with atomic_dir(folder) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
-            atomic_write_json(tmp / META, {"task": self.task.name, "labels": list(self.task.labels),
-                                           "max_length": self.max_length, "pooling": self.pooling,
-                                           **(extra or {})})
+            atomic_write_json(tmp / paths.CLASSIFIER_META, {"task": self.task.name, "labels": list(self.task.labels),
+                                                            "max_length": self.max_length, "pooling": self.pooling,
+                                                            **(extra or {})})
         return Path(folder)
 
     # -- encoding and inference ---------------------------------------------------------------- #

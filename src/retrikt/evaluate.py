@@ -107,7 +107,7 @@ def _task_report(params: Params, task: Task) -> _Loaded:
     teacher_pred = reader.predictions("teacher")
     if teacher_file is not None and teacher_pred is not None:
         reader.check_agreement(teacher_pred, teacher_file, "teacher")
-    weights = paths.teacher(task.name) / "model.safetensors"
+    weights = paths.teacher(task.name) / paths.WEIGHTS_FILE
     if teacher_file is not None and weights.exists():
         teacher_file = {**teacher_file, "model_bytes": weights.stat().st_size}
     teacher_row = _row(task, [teacher_file], [params.seed]) if teacher_file is not None else None
@@ -205,7 +205,6 @@ def serving_costs(rows: Mapping[str, Any], primary: str) -> list[dict[str, Any]]
 # --------------------------------------------------------------------------------------- figures --- #
 def _task_figures(params: Params, loaded: _Loaded) -> list[str]:
     reader, report, task = loaded.reader, loaded.report, loaded.reader.task
-    folder = paths.figures(task.name)
     methods = [m for m in METHODS if m in params.student.methods]
     curves = {size: {m: [r for r in (reader.curve(f"student_curve-{m}-{size}-s{s}") for s in params.seeds)
                          if r is not None] for m in methods} for size in report["students"]}
@@ -217,7 +216,7 @@ def _task_figures(params: Params, loaded: _Loaded) -> list[str]:
              "retrieval": _retrieval_panel(params, reader) if PROPOSED in methods else None,
              "rl": F.rl_figure(reader.curve("rl_curve"), report["rl"], task.name) if params.rl.enabled else None,
              "learning_curves": F.learning_curves(task, reader.curve("teacher_curve"), curves)}
-    return [F.save_png(fig, folder / f"{name}.png").as_posix() for name, fig in drawn.items() if fig is not None]
+    return [F.save_png(fig, paths.figure(task.name, name)).as_posix() for name, fig in drawn.items() if fig is not None]
 
 
 def _retrieval_panel(params: Params, reader: TaskReader):
@@ -320,7 +319,7 @@ def build_results(params: Params, figures: bool = True) -> dict[str, Any]:
             t.report["figures"] = _task_figures(params, t)
         forest = F.forest_figure(clean(results))
         if forest is not None:
-            results["figures"] = [F.save_png(forest, paths.FIGURES / "forest.png").as_posix()]
+            results["figures"] = [F.save_png(forest, paths.FOREST_FIGURE).as_posix()]
     for name, t in loaded.items():
         for w in t.reader.warnings:
             log.warning("%s: %s", name, w)

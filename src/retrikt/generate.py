@@ -183,9 +183,9 @@ def _sample_llm(params: Params, task: Task, train: list[dict]) -> tuple[list[tup
                                                                        dict, dict]:
     """LLM samples that ended and parsed: ``(example, conditioning label, raw text)``, counts, timings."""
     gp = params.generate
-    use_rl = params.rl.enabled and (paths.rl(task.name) / "adapter_config.json").exists()
+    use_rl = params.rl.enabled and (paths.rl(task.name) / paths.ADAPTER_FILE).exists()
     adapter = paths.rl(task.name) if use_rl else paths.prompt(task.name)
-    if not (adapter / "adapter_config.json").exists():
+    if not (adapter / paths.ADAPTER_FILE).exists():
         raise MissingInputError(f"{adapter}: no soft prompt (run the prompt_tune stage first)")
     device = resolve_device(params.device)
     dtype = resolve_dtype(gp.dtype, device)
@@ -293,9 +293,9 @@ def generate(params: Params, task_name: str, run) -> dict:
     out = paths.store(task.name)
     with atomic_dir(out) as tmp:
         write_jsonl(tmp / paths.ENTRIES_FILE, entries)
-        atomic_write_json(tmp / "stats.json", metrics)
-        atomic_write_text(tmp / "preview.md", _preview(task, entries))
-    run.log_artifact(out / "preview.md")
+        atomic_write_json(tmp / paths.STORE_STATS, metrics)
+        atomic_write_text(tmp / paths.STORE_PREVIEW, _preview(task, entries))
+    run.log_artifact(out / paths.STORE_PREVIEW)
     run.set_metrics(metrics)
     if timings:
         run.set_timings(timings)

@@ -47,13 +47,14 @@ def registry_path(spec: ModelSpec) -> Path:
 
 
 def _weights_file(path: Path) -> Path:
-    """The file a sha256 in params refers to: the file itself, or a folder's model.safetensors."""
+    """The file a sha256 in params refers to: the file itself, or a folder's model.safetensors
+    (:data:`retrikt.paths.WEIGHTS_FILE`) or pytorch_model.bin."""
     if path.is_file():
         return path
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    for name in (paths.WEIGHTS_FILE, "pytorch_model.bin"):
         if (path / name).exists():
             return path / name
-    raise ModelResolutionError(f"{path}: no model.safetensors or pytorch_model.bin")
+    raise ModelResolutionError(f"{path}: no {paths.WEIGHTS_FILE} or pytorch_model.bin")
 
 
 def _auto_class(config):
