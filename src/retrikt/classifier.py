@@ -21,6 +21,7 @@ import torch
 from retrikt import paths
 from retrikt.device import to_device
 from retrikt.io import atomic_dir, atomic_write_json, read_json
+from retrikt.models import ensure_pad_token
 from retrikt.progress import bar
 from retrikt.tasks import Task, get_task
 
@@ -97,8 +98,7 @@ def _report_new_head(model, info: dict, base_dir: str | Path) -> None:
 def _with_padding(model, tokenizer):
     """A freshly loaded (model, tokenizer) made to pad: EOS as the pad token where the tokenizer has
     none (decoder-only models), and the model config told which id that is."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

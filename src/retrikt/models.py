@@ -31,6 +31,14 @@ def model_info(folder: str | Path) -> dict:
     return read_json(meta) if meta.exists() else {}
 
 
+def ensure_pad_token(tokenizer):
+    """``tokenizer`` with EOS as its pad token where it has none (decoder-only models often lack one;
+    batching and generation need it); changed in place and returned."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def is_seq2seq(folder: str | Path) -> bool:
     import transformers as tf
 
@@ -44,9 +52,7 @@ def load_generator(folder: str | Path, device: "torch.device | str" = "cpu"):
     config = tf.AutoConfig.from_pretrained(folder)
     cls = tf.AutoModelForSeq2SeqLM if config.is_encoder_decoder else tf.AutoModelForCausalLM
     model = cls.from_pretrained(folder, dtype="float32")
-    tok = tf.AutoTokenizer.from_pretrained(folder)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = ensure_pad_token(tf.AutoTokenizer.from_pretrained(folder))
     model.to(device).eval().requires_grad_(False)
     return model, tok
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from retrikt import paths
 from retrikt.errors import ModelResolutionError
 from retrikt.io import atomic_dir, atomic_write_json
-from retrikt.models import count_parameters, sha256_file
+from retrikt.models import count_parameters, ensure_pad_token, sha256_file
 from retrikt.params import ModelSpec
 from retrikt.paths import user_path
 
@@ -122,8 +122,7 @@ def _load_hf(src: Path):
 def resolve(spec: ModelSpec, role: str, out_root: Path = paths.BASE_MODELS) -> Path:
     """Resolve ``spec`` into ``out_root/role`` (atomically) and return that folder."""
     model, tok, origin = _load_source(spec)
-    if tok.pad_token is None:  # decoders often lack one; generation and batching need it
-        tok.pad_token = tok.eos_token
+    ensure_pad_token(tok)  # decoders often lack one; generation and batching need it
     out = out_root / role
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
