@@ -93,10 +93,12 @@ def word_ngrams(text: str, n: int = 3) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(max(1, len(words) - n + 1))} if words else set()
 
 
-def jaccard(a: set, b: set) -> float:
-    """|a ∩ b| / |a ∪ b| (0 for two empty sets)."""
-    union = len(a | b)
-    return len(a & b) / union if union else 0.0
+def jaccard(a: set, b: set, shared: int | None = None) -> float:
+    """|a ∩ b| / |a ∪ b| (0 for two empty sets). ``shared`` is |a ∩ b| where the caller has counted it
+    already (:func:`dedupe`, from its inverted index), so the sets are not intersected again."""
+    inter = len(a & b) if shared is None else shared
+    union = len(a) + len(b) - inter
+    return inter / union if union else 0.0
 
 
 def dedupe(texts: Sequence[str], threshold: float, n: int = 3) -> tuple[list[int], int, int]:
@@ -118,7 +120,7 @@ def dedupe(texts: Sequence[str], threshold: float, n: int = 3) -> tuple[list[int
             continue
         grams = word_ngrams(text, n)
         shared = Counter(k for g in grams for k in index.get(g, ()))
-        if any(c / (len(grams) + len(grams_of[k]) - c) >= threshold for k, c in shared.items()):
+        if any(jaccard(grams, grams_of[k], c) >= threshold for k, c in shared.items()):
             near += 1
             continue
         for g in grams:
