@@ -16,9 +16,10 @@ from .conftest import REPO
 def build_student(encoder_dir, num_layers: int, num_labels: int):
     """A sequence classifier of the encoder's embeddings and first ``num_layers`` layers (what
     ``Classifier.from_base(..., num_layers=)`` builds, without the task binding)."""
-    import transformers as tf
+    import transformers
 
-    model = tf.AutoModelForSequenceClassification.from_pretrained(encoder_dir, num_labels=num_labels, dtype="float32")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(encoder_dir, num_labels=num_labels,
+                                                                            dtype="float32")
     return truncate_encoder(model, num_layers)
 
 

@@ -125,12 +125,12 @@ class Classifier:
         """A fresh classification head on a base encoder/decoder folder (optionally its first layers),
         on ``device`` (truncated first, so dropped layers never travel); the head reads ``pooling``
         (:func:`set_pooling`)."""
-        import transformers as tf
+        import transformers
 
         from retrikt.progress import quiet_load_report
 
         with quiet_load_report():  # the head is new by design: say so in one line, not a table
-            model, info = tf.AutoModelForSequenceClassification.from_pretrained(
+            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
                 base_dir, num_labels=task.num_labels, dtype="float32", output_loading_info=True,
                 id2label=dict(enumerate(task.labels)), label2id={n: i for i, n in enumerate(task.labels)})
         _report_new_head(model, info, base_dir)
@@ -138,17 +138,17 @@ class Classifier:
             from retrikt.models import truncate_encoder
 
             truncate_encoder(model, num_layers)
-        model, tok = _with_padding(model.to(device), tf.AutoTokenizer.from_pretrained(base_dir))
+        model, tok = _with_padding(model.to(device), transformers.AutoTokenizer.from_pretrained(base_dir))
         return cls(model, tok, task, max_length, pooling)
 
     @classmethod
     def load(cls, folder: str | Path, device: "torch.device | str" = "cpu") -> "Classifier":
         """A saved classifier, in eval mode, on ``device``."""
-        import transformers as tf
+        import transformers
 
         meta = read_json(Path(folder) / paths.CLASSIFIER_META)
-        model = tf.AutoModelForSequenceClassification.from_pretrained(folder, dtype="float32")
-        model, tok = _with_padding(model.to(device).eval(), tf.AutoTokenizer.from_pretrained(folder))
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, dtype="float32")
+        model, tok = _with_padding(model.to(device).eval(), transformers.AutoTokenizer.from_pretrained(folder))
         return cls(model, tok, get_task(meta["task"]), meta["max_length"], meta.get("pooling", "cls"))
 
     def save(self, folder: str | Path, extra: dict | None = None) -> Path:

@@ -40,19 +40,19 @@ def ensure_pad_token(tokenizer):
 
 
 def is_seq2seq(folder: str | Path) -> bool:
-    import transformers as tf
+    import transformers
 
-    return bool(getattr(tf.AutoConfig.from_pretrained(folder), "is_encoder_decoder", False))
+    return bool(getattr(transformers.AutoConfig.from_pretrained(folder), "is_encoder_decoder", False))
 
 
 def load_generator(folder: str | Path, device: "torch.device | str" = "cpu"):
     """(model, tokenizer) for a causal or seq2seq generator folder, in eval mode, frozen, on ``device``."""
-    import transformers as tf
+    import transformers
 
-    config = tf.AutoConfig.from_pretrained(folder)
-    cls = tf.AutoModelForSeq2SeqLM if config.is_encoder_decoder else tf.AutoModelForCausalLM
+    config = transformers.AutoConfig.from_pretrained(folder)
+    cls = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
     model = cls.from_pretrained(folder, dtype="float32")
-    tok = ensure_pad_token(tf.AutoTokenizer.from_pretrained(folder))
+    tok = ensure_pad_token(transformers.AutoTokenizer.from_pretrained(folder))
     model.to(device).eval().requires_grad_(False)
     return model, tok
 

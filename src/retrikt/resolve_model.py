@@ -58,14 +58,14 @@ def _weights_file(path: Path) -> Path:
 
 
 def _auto_class(config):
-    import transformers as tf
+    import transformers
 
     if getattr(config, "is_encoder_decoder", False):
-        return tf.AutoModelForSeq2SeqLM
+        return transformers.AutoModelForSeq2SeqLM
     archs = " ".join(getattr(config, "architectures", None) or [])
     if "CausalLM" in archs or "LMHead" in archs:
-        return tf.AutoModelForCausalLM
-    return tf.AutoModel
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
 
 
 def _load_source(spec: ModelSpec):
@@ -103,18 +103,18 @@ def _load_source(spec: ModelSpec):
 
 def _load_hf(src: Path):
     """(model, tokenizer) from a GGUF file or a Hugging Face folder, in fp32."""
-    import transformers as tf
+    import transformers
 
     if src.is_file() and src.suffix == ".gguf":  # dequantised by transformers into a normal model
         kw = {"gguf_file": src.name}
-        tok = tf.AutoTokenizer.from_pretrained(src.parent, **kw)
-        model = tf.AutoModelForCausalLM.from_pretrained(src.parent, dtype="float32", **kw)
+        tok = transformers.AutoTokenizer.from_pretrained(src.parent, **kw)
+        model = transformers.AutoModelForCausalLM.from_pretrained(src.parent, dtype="float32", **kw)
         model.hf_quantizer = None  # saved as plain float weights
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     else:
-        config = tf.AutoConfig.from_pretrained(src)
-        tok = tf.AutoTokenizer.from_pretrained(src)
+        config = transformers.AutoConfig.from_pretrained(src)
+        tok = transformers.AutoTokenizer.from_pretrained(src)
         model = _auto_class(config).from_pretrained(src, dtype="float32")
     return model, tok
 
