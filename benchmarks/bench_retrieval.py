@@ -108,7 +108,7 @@ def embed_parts(items: list, order: np.ndarray, n_needed: int, encoder: Path, fo
                 batch_size: int = 128) -> np.ndarray:
     """Embeddings ``[n_needed, H]`` of ``items[order[:n_needed]]``, computed part by part and cached."""
     import torch
-    import transformers as tf
+    import transformers
 
     from retrikt.classifier import mean_pool
 
@@ -116,8 +116,8 @@ def embed_parts(items: list, order: np.ndarray, n_needed: int, encoder: Path, fo
     n_parts = math.ceil(n_needed / PART)
     missing = [p for p in range(n_parts) if not (folder / f"part-{p:04d}.npy").exists()]
     if missing:
-        tok = tf.AutoTokenizer.from_pretrained(encoder)
-        model = tf.AutoModel.from_pretrained(encoder, dtype="float32").eval()
+        tok = transformers.AutoTokenizer.from_pretrained(encoder)
+        model = transformers.AutoModel.from_pretrained(encoder, dtype="float32").eval()
         t0, done = time.perf_counter(), 0
         for p in missing:
             rows = [items[i] for i in order[p * PART:(p + 1) * PART]]

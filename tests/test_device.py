@@ -130,13 +130,13 @@ def test_stages_hand_params_device_to_the_loaders(monkeypatch, tiny_encoder_dir)
 def test_classifier_does_not_change_the_tokenizer_it_is_given(tiny_causal_dir):
     """A decoder-only tokenizer has no pad token: the loaders give it EOS; the constructor refuses
     one without, instead of changing the caller's object."""
-    import transformers as tf
+    import transformers
 
     from retrikt.classifier import _with_padding
 
     task = get_task("cb")
     clf = Classifier.from_base(tiny_causal_dir, task, max_length=32)
-    tok = tf.AutoTokenizer.from_pretrained(tiny_causal_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_causal_dir)
     tok.pad_token = None
     with pytest.raises(ValueError, match="pad token"):
         Classifier(clf.model, tok, task)

@@ -186,7 +186,7 @@ def test_the_analysis_sees_lazy_and_indirect_imports():
     assert {"src/retrikt/cli.py", "src/retrikt/params.py", "src/retrikt/tracking.py",
             "src/retrikt/seeding.py", "src/retrikt/device.py"} <= gen  # what every stage's set-up runs
     student = needed_files("train-student")
-    assert "src/retrikt/distill/losses.py" in student  # `from retrikt.distill import losses as L`
+    assert "src/retrikt/distill/losses.py" in student  # `from retrikt.distill import losses`
     assert "src/retrikt/retrieval.py" in student  # imported by distill/train.py
     assert "src/retrikt/rl/ppo.py" in needed_files("rl")  # imported inside a function of rl/stage.py
     assert "src/retrikt/__init__.py" not in gen  # a docstring and __version__ only

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from retrikt.distill import losses as L
+from retrikt.distill import losses
 
 TOL = dict(rel_tol=1e-5, abs_tol=1e-6)
 
@@ -67,12 +67,12 @@ T_PROBS = [[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]
 
 def test_kd_loss_golden_no_t_squared():
     expected = sum(soft_ce(s, t, 2.0) for s, t in zip(S, T_LOGITS)) / 2
-    assert close(L.kd_loss(torch.tensor(S), torch.tensor(T_LOGITS), 2.0), expected)
+    assert close(losses.kd_loss(torch.tensor(S), torch.tensor(T_LOGITS), 2.0), expected)
 
 
 def test_kd_loss_golden_probability_targets():
     expected = sum(soft_ce(s, t, 2.0, probs=True) for s, t in zip(S, T_PROBS)) / 2
-    got = L.kd_loss(torch.tensor(S), torch.tensor(T_PROBS), 2.0, targets_are_probs=True)
+    got = losses.kd_loss(torch.tensor(S), torch.tensor(T_PROBS), 2.0, targets_are_probs=True)
     assert close(got, expected)
 
 
@@ -80,7 +80,7 @@ def test_kd_ce_loss_golden_and_parts():
     labels = [2, 0]
     kd = sum(soft_ce(s, t, 2.0) for s, t in zip(S, T_LOGITS)) / 2
     ce = -sum(log_softmax(s)[y] for s, y in zip(S, labels)) / 2
-    out = L.kd_ce_loss(torch.tensor(S), torch.tensor(T_LOGITS), torch.tensor(labels), 0.8, 2.0)
+    out = losses.kd_ce_loss(torch.tensor(S), torch.tensor(T_LOGITS), torch.tensor(labels), 0.8, 2.0)
     assert close(out.total, 0.8 * kd + 0.2 * ce)
     assert close(out.parts["kd"], kd) and close(out.parts["ce"], ce)
 
@@ -88,7 +88,7 @@ def test_kd_ce_loss_golden_and_parts():
 def test_kd_gradients_reach_student_only():
     s = torch.tensor(S, requires_grad=True)
     t = torch.tensor(T_LOGITS, requires_grad=True)
-    L.kd_ce_loss(s, t, torch.tensor([2, 0]), 0.5, 2.0).total.backward()
+    losses.kd_ce_loss(s, t, torch.tensor([2, 0]), 0.5, 2.0).total.backward()
     assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
 
 
@@ -100,9 +100,9 @@ CANDS = [[2.0, 0.0], [0.0, 3.0], [-5.0, 0.0]]  # cos with [1, 0]: 1, 0, -1; with
 def test_similarity_distribution_golden_shared_and_per_query():
     q = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
     expected = [softmax([2.0, 0.0, -2.0]), softmax([0.0, 2.0, 0.0])]  # tau = 0.5
-    shared = L.similarity_distribution(q, torch.tensor(CANDS), 0.5)
-    per_query = L.similarity_distribution(q, torch.tensor([CANDS, CANDS]), 0.5)
-    logp = L.similarity_distribution(q, torch.tensor(CANDS), 0.5, log=True)
+    shared = losses.similarity_distribution(q, torch.tensor(CANDS), 0.5)
+    per_query = losses.similarity_distribution(q, torch.tensor([CANDS, CANDS]), 0.5)
+    logp = losses.similarity_distribution(q, torch.tensor(CANDS), 0.5, log=True)
     for b in range(2):
         for i in range(3):
             assert math.isclose(float(shared[b, i]), expected[b][i], **TOL)
@@ -116,21 +116,21 @@ def test_retrieval_kl_golden_batchmean_and_separate_taus():
     s_q = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # row 2 identical to the teacher -> KL 0
     pt, ps = softmax([1.0, 0.0, -1.0]), softmax([0.0, 1.0, 0.0])
     kl = sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps))
-    assert close(L.retrieval_kl_loss(t_q, cands, s_q, cands, 1.0), kl / 2)
+    assert close(losses.retrieval_kl_loss(t_q, cands, s_q, cands, 1.0), kl / 2)
     pt2, ps2 = softmax([2.0, 0.0, -2.0]), softmax([0.0, 1.0, 0.0])
     kl2 = sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt2, ps2))
-    got = L.retrieval_kl_loss(t_q[:1], cands[:1], s_q[:1], cands[:1], 1.0, tau_teacher=0.5)
+    got = losses.retrieval_kl_loss(t_q[:1], cands[:1], s_q[:1], cands[:1], 1.0, tau_teacher=0.5)
     assert close(got, kl2)
 
 
 def test_retrieval_kl_zero_when_equal_nonnegative_and_student_grads_only():
     g = torch.Generator().manual_seed(0)
     tq, tc = torch.randn(4, 8, generator=g), torch.randn(4, 5, 8, generator=g)
-    assert abs(float(L.retrieval_kl_loss(tq, tc, tq.clone(), tc.clone(), 0.1))) < 1e-6
+    assert abs(float(losses.retrieval_kl_loss(tq, tc, tq.clone(), tc.clone(), 0.1))) < 1e-6
     tq.requires_grad_(), tc.requires_grad_()
     sq = torch.randn(4, 8, generator=g, requires_grad=True)
     sc = torch.randn(5, 8, generator=g, requires_grad=True)  # shared candidate set
-    loss = L.retrieval_kl_loss(tq, tc, sq, sc.expand(4, 5, 8), 0.1)
+    loss = losses.retrieval_kl_loss(tq, tc, sq, sc.expand(4, 5, 8), 0.1)
     assert float(loss.detach()) >= 0
     loss.backward()
     assert sq.grad.abs().sum() > 0 and sc.grad.abs().sum() > 0
@@ -144,11 +144,11 @@ def test_retrieval_aggregate_and_predict_golden():
     w0, w1 = softmax([2.0, 0.0]), softmax([0.4, 1.2])  # tau = 0.5
     expected = [[w0[0], w0[1], 0.0],
                 [0.5 * w1[0], 0.5 * w1[0] + 0.2 * w1[1], 0.8 * w1[1]]]
-    got = L.retrieval_aggregate(sims, labels, 0.5)
+    got = losses.retrieval_aggregate(sims, labels, 0.5)
     for b in range(2):
         for c in range(3):
             assert math.isclose(float(got[b, c]), expected[b][c], **TOL)
-    assert L.retrieval_predict(sims, labels, 0.5).tolist() == [0, 2]
+    assert losses.retrieval_predict(sims, labels, 0.5).tolist() == [0, 2]
 
 
 # ---------------------------------------------------------------------------------- MGSKD #
@@ -178,7 +178,7 @@ def hand_triplet_loss(s, t, anchors) -> float:
 @pytest.mark.parametrize("n_heads", [1, 2])
 def test_mgskd_token_loss_golden_all_anchors(n_heads):
     expected = hand_pair_loss(S_PTS, T_PTS, n_heads) + hand_triplet_loss(S_PTS, T_PTS, [0, 1, 2])
-    got = L.mgskd_token_loss(torch.tensor([S_PTS]), torch.tensor([T_PTS]), torch.ones(1, 3),
+    got = losses.mgskd_token_loss(torch.tensor([S_PTS]), torch.tensor([T_PTS]), torch.ones(1, 3),
                              n_heads=n_heads)
     assert close(got, expected)
 
@@ -188,7 +188,7 @@ def test_mgskd_token_loss_golden_teacher_anchor_selection():
     received = [sum(r[j] for r in rows) for j in range(3)]
     anchor = max(range(3), key=received.__getitem__)  # the token receiving most attention
     expected = hand_pair_loss(S_PTS, T_PTS, 1) + hand_triplet_loss(S_PTS, T_PTS, [anchor])
-    got = L.mgskd_token_loss(torch.tensor([S_PTS]), torch.tensor([T_PTS]), torch.ones(1, 3),
+    got = losses.mgskd_token_loss(torch.tensor([S_PTS]), torch.tensor([T_PTS]), torch.ones(1, 3),
                              n_heads=1, k1=1, k2=2)
     assert anchor == 2 and close(got, expected)
 
@@ -200,13 +200,13 @@ def test_mgskd_sample_loss_golden_with_mean_pooling():
     mask = torch.tensor([[1, 0], [1, 1], [1, 0]])
     terms = [smooth_l1(angle(S_PTS, i, j, k) - angle(T_PTS, i, j, k))
              for i in range(3) for j in range(3) for k in range(3)]
-    assert close(L.mgskd_sample_loss(s, t, mask, n_heads=1), sum(terms) / 27)
+    assert close(losses.mgskd_sample_loss(s, t, mask, n_heads=1), sum(terms) / 27)
 
 
 def test_mgskd_layer_map():
-    assert L.mgskd_layer_map(2, 6) == [(0, 0), (1, 3), (2, 6)]
-    assert L.mgskd_layer_map(4, 6) == [(0, 0), (2, 3), (4, 6)]
-    assert L.mgskd_layer_map(4, 12) == [(0, 0), (1, 3), (2, 6), (3, 9), (4, 12)]
+    assert losses.mgskd_layer_map(2, 6) == [(0, 0), (1, 3), (2, 6)]
+    assert losses.mgskd_layer_map(4, 6) == [(0, 0), (2, 3), (4, 6)]
+    assert losses.mgskd_layer_map(4, 12) == [(0, 0), (1, 3), (2, 6), (3, 9), (4, 12)]
 
 
 def _random_hidden(b=3, t=5, h=8, seed=0):
@@ -220,24 +220,24 @@ def test_mgskd_padding_invariance():
     s2 = torch.where(pad, _random_hidden(seed=3) * 10, s)
     t2 = torch.where(pad, _random_hidden(seed=4) * 10, t)
     for kw in ({}, {"k1": 2, "k2": 2}):
-        a = L.mgskd_token_loss(s, t, mask, n_heads=2, **kw)
-        assert torch.allclose(a, L.mgskd_token_loss(s2, t2, mask, n_heads=2, **kw), atol=1e-6)
+        a = losses.mgskd_token_loss(s, t, mask, n_heads=2, **kw)
+        assert torch.allclose(a, losses.mgskd_token_loss(s2, t2, mask, n_heads=2, **kw), atol=1e-6)
         assert float(a) >= 0
-    a = L.mgskd_sample_loss(s, t, mask, n_heads=2)
-    assert torch.allclose(a, L.mgskd_sample_loss(s2, t2, mask, n_heads=2), atol=1e-6)
+    a = losses.mgskd_sample_loss(s, t, mask, n_heads=2)
+    assert torch.allclose(a, losses.mgskd_sample_loss(s2, t2, mask, n_heads=2), atol=1e-6)
     # one shorter sequence: dropping all-padding columns changes nothing either
-    short = L.mgskd_token_loss(s[1:, :3], t[1:, :3], mask[1:, :3], n_heads=2)
-    assert torch.allclose(short, L.mgskd_token_loss(s2[1:], t2[1:], mask[1:], n_heads=2), atol=1e-6)
+    short = losses.mgskd_token_loss(s[1:, :3], t[1:, :3], mask[1:, :3], n_heads=2)
+    assert torch.allclose(short, losses.mgskd_token_loss(s2[1:], t2[1:], mask[1:], n_heads=2), atol=1e-6)
 
 
 def test_mgskd_loss_combination_and_gradients():
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     s_states = [_random_hidden(seed=10 + i).requires_grad_() for i in range(3)]
     t_states = [_random_hidden(seed=20 + i).requires_grad_() for i in range(7)]
-    out = L.mgskd_loss(s_states, t_states, mask, n_heads=2)
-    token = (L.mgskd_token_loss(s_states[0], t_states[0], mask, n_heads=2)
-             + L.mgskd_token_loss(s_states[1], t_states[3], mask, n_heads=2))
-    sample = L.mgskd_sample_loss(s_states[2], t_states[6], mask, n_heads=2)
+    out = losses.mgskd_loss(s_states, t_states, mask, n_heads=2)
+    token = (losses.mgskd_token_loss(s_states[0], t_states[0], mask, n_heads=2)
+             + losses.mgskd_token_loss(s_states[1], t_states[3], mask, n_heads=2))
+    sample = losses.mgskd_sample_loss(s_states[2], t_states[6], mask, n_heads=2)
     assert torch.allclose(out.total, 4 * sample + token)
     assert torch.allclose(out.parts["token"], token) and torch.allclose(out.parts["sample"], sample)
     out.total.backward()
@@ -248,7 +248,7 @@ def test_mgskd_loss_combination_and_gradients():
 def test_mgskd_zero_when_student_equals_teacher():
     h = _random_hidden()
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
-    total = L.mgskd_loss([h, h, h], [h, h, h], mask, n_heads=2).total
+    total = losses.mgskd_loss([h, h, h], [h, h, h], mask, n_heads=2).total
     assert float(total) == pytest.approx(0, abs=1e-7)
 
 
@@ -281,7 +281,7 @@ def _linear_logits():
 @pytest.mark.parametrize("top_k", [None, 1, 0.5])
 def test_attribution_golden_multiview(top_k):
     e, logits = _linear_logits()
-    got = L.attribution(logits, e, top_k=top_k)
+    got = losses.attribution(logits, e, top_k=top_k)
     assert got.shape == (1, 3, 2) and not got.requires_grad
     for c in range(3):
         exp = hand_attribution(c, None if top_k is None else 1)
@@ -290,8 +290,8 @@ def test_attribution_golden_multiview(top_k):
 
 def test_attribution_golden_gold_label_view_and_callable():
     e, logits = _linear_logits()
-    got = L.attribution(logits, e, labels=torch.tensor([1]))
-    via_fn = L.attribution(lambda x: torch.einsum("bth,thc->bc", x, torch.tensor(U_VALS)), e,
+    got = losses.attribution(logits, e, labels=torch.tensor([1]))
+    via_fn = losses.attribution(lambda x: torch.einsum("bth,thc->bc", x, torch.tensor(U_VALS)), e,
                            labels=torch.tensor([1]))
     exp = hand_attribution(1)
     assert got.shape == (1, 1, 2) and torch.allclose(got, via_fn)
@@ -303,9 +303,9 @@ def test_adkd_attr_loss_golden():
     attr_s = torch.tensor([[[0.8, 0.6, 0.5], [0.0, 1.0, 0.0]]])  # 0.5 sits on a padding token
     mask = torch.tensor([[1, 1, 0]])
     expected = (0.2 ** 2 + 0.2 ** 2) / 2 + (1.0 + 1.0) / 1
-    assert close(L.adkd_attr_loss(attr_s, attr_t, mask), expected)
-    assert close(L.adkd_attr_loss(attr_s[:, 0], attr_t[:, 0], mask), 0.04)
-    assert close(L.adkd_attr_loss(attr_s[:, 0], attr_t[:, 0], mask, loss_func="L1"), 0.2)
+    assert close(losses.adkd_attr_loss(attr_s, attr_t, mask), expected)
+    assert close(losses.adkd_attr_loss(attr_s[:, 0], attr_t[:, 0], mask), 0.04)
+    assert close(losses.adkd_attr_loss(attr_s[:, 0], attr_t[:, 0], mask, loss_func="L1"), 0.2)
 
 
 def test_adkd_loss_golden_total():
@@ -315,7 +315,7 @@ def test_adkd_loss_golden_total():
     kd = sum(soft_ce(a, b, 2.0) for a, b in zip(S, T_LOGITS)) / 2
     ce = -sum(log_softmax(a)[c] for a, c in zip(S, [2, 0])) / 2
     attr = 0.08 / 3
-    out = L.adkd_loss(s, t, y, attr_s, attr_t, alpha=0.8, temperature=2.0, beta=10.0)
+    out = losses.adkd_loss(s, t, y, attr_s, attr_t, alpha=0.8, temperature=2.0, beta=10.0)
     assert close(out.total, 0.8 * kd + 0.2 * ce + 10.0 * attr)
     assert close(out.parts["attr"], attr)
 
@@ -341,16 +341,16 @@ MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
 def test_adkd_create_graph_student_grads_only():
     student, teacher = _Tiny(0), _Tiny(1)
     e_t, z_t = teacher(IDS, MASK)
-    attr_t = L.attribution(z_t, e_t, MASK, top_k=0.5)
+    attr_t = losses.attribution(z_t, e_t, MASK, top_k=0.5)
     e_s, z_s = student(IDS, MASK)
-    assert not L.attribution(z_s, e_s, MASK).requires_grad  # no create_graph -> detached
-    attr_s = L.attribution(z_s, e_s, MASK, create_graph=True)
-    attr_loss = L.adkd_attr_loss(attr_s, attr_t, MASK)
+    assert not losses.attribution(z_s, e_s, MASK).requires_grad  # no create_graph -> detached
+    attr_s = losses.attribution(z_s, e_s, MASK, create_graph=True)
+    attr_loss = losses.adkd_attr_loss(attr_s, attr_t, MASK)
     assert float(attr_loss.detach()) >= 0
     # the head reaches attr_s only through ∂/∂E, so a gradient there proves create_graph works
     (head_grad,) = torch.autograd.grad(attr_loss, student.head.weight, retain_graph=True)
     assert head_grad.abs().sum() > 0
-    L.adkd_loss(z_s, z_t, torch.tensor([0, 2]), attr_s, attr_t, MASK).total.backward()
+    losses.adkd_loss(z_s, z_t, torch.tensor([0, 2]), attr_s, attr_t, MASK).total.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
     assert all(p.grad is None for p in teacher.parameters())
 
@@ -358,25 +358,25 @@ def test_adkd_create_graph_student_grads_only():
 def test_adkd_padding_invariance_and_zero_when_equal():
     model = _Tiny(0)
     e, z = model(IDS, MASK)
-    attr = L.attribution(z, e, MASK)
+    attr = losses.attribution(z, e, MASK)
     assert (attr[0, :, 3] == 0).all() and (attr[1, :, 2:] == 0).all()
     assert torch.allclose(attr.norm(dim=-1), torch.ones(2, 3))
     # more padding (different pad ids) leaves attributions and the loss unchanged
     ids2 = torch.cat([IDS, torch.tensor([[7, 9], [3, 8]])], 1)
     mask2 = torch.cat([MASK, torch.zeros(2, 2, dtype=MASK.dtype)], 1)
     e2, z2 = model(ids2, mask2)
-    attr2 = L.attribution(z2, e2, mask2)
+    attr2 = losses.attribution(z2, e2, mask2)
     assert torch.allclose(attr2[..., :4], attr, atol=1e-6) and (attr2[..., 4:] == 0).all()
     other_model = _Tiny(5)
     e_o, z_o = other_model(IDS, MASK)
     e_o2, z_o2 = other_model(ids2, mask2)
-    other, other2 = L.attribution(z_o, e_o, MASK), L.attribution(z_o2, e_o2, mask2)
-    loss, loss2 = L.adkd_attr_loss(attr, other, MASK), L.adkd_attr_loss(attr2, other2, mask2)
+    other, other2 = losses.attribution(z_o, e_o, MASK), losses.attribution(z_o2, e_o2, mask2)
+    loss, loss2 = losses.adkd_attr_loss(attr, other, MASK), losses.adkd_attr_loss(attr2, other2, mask2)
     assert torch.allclose(loss, loss2)
-    assert float(L.adkd_attr_loss(attr, attr, MASK)) == 0
+    assert float(losses.adkd_attr_loss(attr, attr, MASK)) == 0
     # a model that leaks gradient to padding: the mask still zeroes those positions
     e3, z3 = _Tiny(0, masked=False)(IDS, MASK)
-    assert (L.attribution(z3, e3, MASK)[0, :, 3] == 0).all()
+    assert (losses.attribution(z3, e3, MASK)[0, :, 3] == 0).all()
 
 
 def test_retrieval_kl_mask_golden_and_finite_grads():
@@ -390,10 +390,10 @@ def test_retrieval_kl_mask_golden_and_finite_grads():
     pt2, ps2 = softmax(cos_t), softmax(cos_s)
     kl1 = sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt1, ps1))
     kl2 = sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt2, ps2))
-    loss = L.retrieval_kl_loss(t_q, cands, s_q, cands, 1.0, mask=mask)
+    loss = losses.retrieval_kl_loss(t_q, cands, s_q, cands, 1.0, mask=mask)
     assert close(loss, (kl1 + kl2) / 2)
     loss.backward()
     assert torch.isfinite(s_q.grad).all() and s_q.grad.abs().sum() > 0
     full = torch.ones(2, 3, dtype=torch.bool)  # an all-True mask is the unmasked loss
-    assert close(L.retrieval_kl_loss(t_q, cands, s_q, cands, 1.0, mask=full),
-                 L.retrieval_kl_loss(t_q, cands, s_q, cands, 1.0))
+    assert close(losses.retrieval_kl_loss(t_q, cands, s_q, cands, 1.0, mask=full),
+                 losses.retrieval_kl_loss(t_q, cands, s_q, cands, 1.0))

@@ -16,9 +16,10 @@ from .conftest import REPO
 def build_student(encoder_dir, num_layers: int, num_labels: int):
     """A sequence classifier of the encoder's embeddings and first ``num_layers`` layers (what
     ``Classifier.from_base(..., num_layers=)`` builds, without the task binding)."""
-    import transformers as tf
+    import transformers
 
-    model = tf.AutoModelForSequenceClassification.from_pretrained(encoder_dir, num_labels=num_labels, dtype="float32")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(encoder_dir, num_labels=num_labels,
+                                                                            dtype="float32")
     return truncate_encoder(model, num_layers)
 
 
@@ -79,7 +80,7 @@ def test_registry_encoder_resolves(tmp_path):
     assert info["class"] == "BertModel" and 22e6 < info["parameters"] < 23e6
     assert info["origin"]["sha256"] == _default_spec("encoder").sha256
     s2 = build_student(out, 2, num_labels=3)
-    assert 15e6 < count_parameters(s2) < 16.5e6  # DESIGN.md: L2 ~ 15.6M
+    assert 15e6 < count_parameters(s2) < 16.5e6  # docs/design-notes.md: L2 ~ 15.6M
 
 
 @pytest.mark.slow

@@ -95,20 +95,20 @@ def test_the_typed_tree_has_no_defaults_and_params_yaml_sets_every_field():
     import dataclasses
     import typing
 
-    from retrikt import params as P
+    from retrikt.params import ModelsParams, ModelSpec, Params
 
     def walk(cls, prefix, raw):
         for f in dataclasses.fields(cls):
-            if cls is P.ModelSpec or f.name == "extra":  # source-specific keys; not settable
+            if cls is ModelSpec or f.name == "extra":  # source-specific keys; not settable
                 continue
             key = f"{prefix}{f.name}"
             assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, key
             assert f.name in raw, f"{key}: declared in params.py but not set in params.yaml"
             tp = typing.get_type_hints(cls)[f.name]
-            if dataclasses.is_dataclass(tp) and tp is not P.ModelsParams:
+            if dataclasses.is_dataclass(tp) and tp is not ModelsParams:
                 walk(tp, key + ".", raw[f.name])
 
-    walk(P.Params, "", RAW)
+    walk(Params, "", RAW)
 
 
 def test_rl_configs_are_the_rl_params_not_copies():

@@ -17,14 +17,14 @@ import torch
 
 from retrikt import paths, store
 from retrikt.classifier import Classifier, train_classifier
-from retrikt.distill import losses as L
+from retrikt.distill import losses
 from retrikt.distill.objectives import adkd, check_same_tokenizer, mgskd, teacher_candidates
 from retrikt.distill.train import train_student
 from retrikt.index import index as index_stage
 from retrikt.io import read_json, read_jsonl, write_jsonl
 from retrikt.methods import METHODS
 from retrikt.params import Params, parse_params
-from retrikt.retrieval import STORE_SUBDIR, load_student
+from retrikt.retrieval import load_student
 from retrikt.tasks import get_task
 from retrikt.tracking import StageRun
 
@@ -134,7 +134,7 @@ def test_every_method_beats_chance_and_writes_outputs(repo, method):
     assert (m["store_bytes"] > 0) == (method in ("retrikt", "retrikt_kd"))
     folder = paths.student(TASK, method, 2, 0)
     assert read_json(folder / "retrikt_classifier.json")["method"] == method
-    assert (folder / STORE_SUBDIR / "index.faiss").exists() if method == "retrikt" else True
+    assert (folder / paths.STORE_SUBDIR / paths.INDEX_FILE).exists() if method == "retrikt" else True
     preds = read_json(paths.predictions(TASK, f"{method}-L2-s0"))
     assert len(preds["proba"]) == 30 and np.allclose(np.sum(preds["proba"], 1), 1, atol=1e-4)
     curve = read_json(paths.plot(TASK, f"student_curve_{method}-L2-s0"))
@@ -168,7 +168,7 @@ def test_retrikt_inference_is_the_aggregate_over_the_student_top_k(repo):
     k, tau = repo.student.retrieval_top_k, repo.student.retrieval_tau
     top = np.argsort(-(q @ e.T), axis=1, kind="stable")[:, :k]
     assert hits.tolist() == top.tolist()
-    want = L.retrieval_aggregate(torch.from_numpy(np.take_along_axis(q @ e.T, top, 1)),
+    want = losses.retrieval_aggregate(torch.from_numpy(np.take_along_axis(q @ e.T, top, 1)),
                                  torch.from_numpy(student.soft[top]), tau).numpy()
     assert np.allclose(proba, want, atol=1e-5)
     pred = read_json(paths.predictions(TASK, "retrikt-L2-s0"))
@@ -300,8 +300,8 @@ def test_cached_teacher_passes_equal_live_ones(repo):
     with torch.no_grad():
         t_out = teacher.model(**enc, output_hidden_states=True)
     heads = 32  # gcd(64, 32, 32)
-    want = (L.kd_ce_loss(s_out.logits, t_out.logits, y, sp.kd_alpha, sp.kd_temperature).total
-            + L.mgskd_loss(s_out.hidden_states, t_out.hidden_states, enc["attention_mask"], n_heads=heads,
+    want = (losses.kd_ce_loss(s_out.logits, t_out.logits, y, sp.kd_alpha, sp.kd_temperature).total
+            + losses.mgskd_loss(s_out.hidden_states, t_out.hidden_states, enc["attention_mask"], n_heads=heads,
                            w_sample=sp.mgskd_sample_weight, w_token=sp.mgskd_token_weight).total)
     assert torch.isclose(mgskd(student, teacher, rows, None, repo).loss(idx), want, rtol=1e-4, atol=1e-5)
 
@@ -318,12 +318,12 @@ def test_cached_teacher_passes_equal_live_ones(repo):
     mask = enc["attention_mask"]
     with torch.enable_grad():
         t_logits = teacher.model(**enc).logits
-    a_t = L.attribution(t_logits, seen["t"], mask, top_k=sp.adkd_top_k)  # C = 3: one view per class
+    a_t = losses.attribution(t_logits, seen["t"], mask, top_k=sp.adkd_top_k)  # C = 3: one view per class
     s_logits = student.model(**enc).logits
-    a_s = L.attribution(s_logits, seen["s"], mask, create_graph=True)
+    a_s = losses.attribution(s_logits, seen["s"], mask, create_graph=True)
     for h in hooks:
         h.remove()
-    want = L.adkd_loss(s_logits, t_logits.detach(), y, a_s, a_t, mask, alpha=sp.kd_alpha,
+    want = losses.adkd_loss(s_logits, t_logits.detach(), y, a_s, a_t, mask, alpha=sp.kd_alpha,
                        temperature=sp.kd_temperature, beta=sp.adkd_beta).total
     assert torch.isclose(got, want, rtol=1e-4, atol=1e-5)
     assert student.model.bert.embeddings._forward_hooks  # the objective reads the student's embeddings ...

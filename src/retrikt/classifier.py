@@ -21,11 +21,11 @@ import torch
 from retrikt import paths
 from retrikt.device import to_device
 from retrikt.io import atomic_dir, atomic_write_json, read_json
+from retrikt.models import ensure_pad_token
 from retrikt.progress import bar
 from retrikt.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
-META = "retrikt_classifier.json"
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,7 @@ def _report_new_head(model, info: dict, base_dir: str | Path) -> None:
 def _with_padding(model, tokenizer):
     """A freshly loaded (model, tokenizer) made to pad: EOS as the pad token where the tokenizer has
     none (decoder-only models), and the model config told which id that is."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -126,12 +125,12 @@ class Classifier:
         """A fresh classification head on a base encoder/decoder folder (optionally its first layers),
         on ``device`` (truncated first, so dropped layers never travel); the head reads ``pooling``
         (:func:`set_pooling`)."""
-        import transformers as tf
+        import transformers
 
         from retrikt.progress import quiet_load_report
 
         with quiet_load_report():  # the head is new by design: say so in one line, not a table
-            model, info = tf.AutoModelForSequenceClassification.from_pretrained(
+            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
                 base_dir, num_labels=task.num_labels, dtype="float32", output_loading_info=True,
                 id2label=dict(enumerate(task.labels)), label2id={n: i for i, n in enumerate(task.labels)})
         _report_new_head(model, info, base_dir)
@@ -139,26 +138,26 @@ class Classifier:
             from retrikt.models import truncate_encoder
 
             truncate_encoder(model, num_layers)
-        model, tok = _with_padding(model.to(device), tf.AutoTokenizer.from_pretrained(base_dir))
+        model, tok = _with_padding(model.to(device), transformers.AutoTokenizer.from_pretrained(base_dir))
         return cls(model, tok, task, max_length, pooling)
 
     @classmethod
     def load(cls, folder: str | Path, device: "torch.device | str" = "cpu") -> "Classifier":
         """A saved classifier, in eval mode, on ``device``."""
-        import transformers as tf
+        import transformers
 
-        meta = read_json(Path(folder) / META)
-        model = tf.AutoModelForSequenceClassification.from_pretrained(folder, dtype="float32")
-        model, tok = _with_padding(model.to(device).eval(), tf.AutoTokenizer.from_pretrained(folder))
+        meta = read_json(Path(folder) / paths.CLASSIFIER_META)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, dtype="float32")
+        model, tok = _with_padding(model.to(device).eval(), transformers.AutoTokenizer.from_pretrained(folder))
         return cls(model, tok, get_task(meta["task"]), meta["max_length"], meta.get("pooling", "cls"))
 
     def save(self, folder: str | Path, extra: dict | None = None) -> Path:
         with atomic_dir(folder) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
-            atomic_write_json(tmp / META, {"task": self.task.name, "labels": list(self.task.labels),
-                                           "max_length": self.max_length, "pooling": self.pooling,
-                                           **(extra or {})})
+            atomic_write_json(tmp / paths.CLASSIFIER_META, {"task": self.task.name, "labels": list(self.task.labels),
+                                                            "max_length": self.max_length, "pooling": self.pooling,
+                                                            **(extra or {})})
         return Path(folder)
 
     # -- encoding and inference ---------------------------------------------------------------- #

@@ -15,10 +15,12 @@ from typing import Callable, Optional
 
 import typer
 
+from retrikt.paths import PARAMS_FILE
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RetriKT: retrieval-based knowledge transfer, one command per DVC stage.")
 
-ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file")
+ParamsOpt = typer.Option(PARAMS_FILE, "--params", help="params file")
 
 
 def _fail(msg: str, code: int) -> None:

@@ -110,7 +110,7 @@ def prepare(params: Params, task_name: str, run=None) -> dict:
     files = [write_jsonl(paths.split_file(task.name, s), splits[s]) for s in SPLITS]
     write_jsonl(paths.spare_file(task.name), spare)
     info = card(task, splits, files, source=str(mirror) if mirror else f"hub:{task.hf_path}/{task.hf_config}")
-    atomic_write_json(paths.processed(task.name) / "card.json", info)
+    atomic_write_json(paths.processed(task.name) / paths.DATA_CARD, info)
     if run is not None:
         run.set_metrics({"train_rows": len(splits["train"]), "validation_rows": len(splits["validation"]),
                          "spare_rows": len(spare)})

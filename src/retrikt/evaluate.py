@@ -42,7 +42,18 @@ from retrikt.device import resolve_device
 from retrikt.io import atomic_write_json, atomic_write_text
 from retrikt.methods import BASELINES, METHODS, REGISTRY
 from retrikt.params import Params
-from retrikt.report import figures as F
+from retrikt.report.figures import (
+    confusion_grid,
+    cost_figure,
+    forest_figure,
+    learning_curves,
+    methods_figure,
+    pick_examples,
+    retrieval_figure,
+    rl_figure,
+    save_png,
+    store_figure,
+)
 from retrikt.report.inputs import Predictions, TaskReader, clean
 from retrikt.report.markdown import render_markdown
 from retrikt.report.stats import (
@@ -107,7 +118,7 @@ def _task_report(params: Params, task: Task) -> _Loaded:
     teacher_pred = reader.predictions("teacher")
     if teacher_file is not None and teacher_pred is not None:
         reader.check_agreement(teacher_pred, teacher_file, "teacher")
-    weights = paths.teacher(task.name) / "model.safetensors"
+    weights = paths.teacher(task.name) / paths.WEIGHTS_FILE
     if teacher_file is not None and weights.exists():
         teacher_file = {**teacher_file, "model_bytes": weights.stat().st_size}
     teacher_row = _row(task, [teacher_file], [params.seed]) if teacher_file is not None else None
@@ -205,19 +216,18 @@ def serving_costs(rows: Mapping[str, Any], primary: str) -> list[dict[str, Any]]
 # --------------------------------------------------------------------------------------- figures --- #
 def _task_figures(params: Params, loaded: _Loaded) -> list[str]:
     reader, report, task = loaded.reader, loaded.report, loaded.reader.task
-    folder = paths.figures(task.name)
     methods = [m for m in METHODS if m in params.student.methods]
     curves = {size: {m: [r for r in (reader.curve(f"student_curve-{m}-{size}-s{s}") for s in params.seeds)
                          if r is not None] for m in methods} for size in report["students"]}
     first = {size: {m: runs[0] for m, runs in by_m.items()} for size, by_m in loaded.preds.items()}
-    drawn = {"methods": F.methods_figure(report, task.name),
-             "cost": F.cost_figure(report, task.name),
-             "confusion": F.confusion_grid(task, loaded.teacher_pred, first, params.seeds[0]),
-             "store": F.store_figure(task, reader.store_entries(), loaded.train),
+    drawn = {"methods": methods_figure(report, task.name),
+             "cost": cost_figure(report, task.name),
+             "confusion": confusion_grid(task, loaded.teacher_pred, first, params.seeds[0]),
+             "store": store_figure(task, reader.store_entries(), loaded.train),
              "retrieval": _retrieval_panel(params, reader) if PROPOSED in methods else None,
-             "rl": F.rl_figure(reader.curve("rl_curve"), report["rl"], task.name) if params.rl.enabled else None,
-             "learning_curves": F.learning_curves(task, reader.curve("teacher_curve"), curves)}
-    return [F.save_png(fig, folder / f"{name}.png").as_posix() for name, fig in drawn.items() if fig is not None]
+             "rl": rl_figure(reader.curve("rl_curve"), report["rl"], task.name) if params.rl.enabled else None,
+             "learning_curves": learning_curves(task, reader.curve("teacher_curve"), curves)}
+    return [save_png(fig, paths.figure(task.name, name)).as_posix() for name, fig in drawn.items() if fig is not None]
 
 
 def _retrieval_panel(params: Params, reader: TaskReader):
@@ -226,10 +236,10 @@ def _retrieval_panel(params: Params, reader: TaskReader):
     if not validation:
         return None
     layers, seed = params.student.layers[0], params.seeds[0]
-    rows = [validation[i] for i in F.pick_examples(task, validation, RETRIEVAL_EXAMPLES)]
+    rows = [validation[i] for i in pick_examples(task, validation, RETRIEVAL_EXAMPLES)]
     preds = reader.retrieval(paths.student(task.name, PROPOSED, layers, seed), rows,
                              min(RETRIEVAL_SHOWN, params.student.retrieval_top_k), resolve_device(params.device))
-    return None if preds is None else F.retrieval_figure(task, rows, preds, f"{PROPOSED}-L{layers}-s{seed}")
+    return None if preds is None else retrieval_figure(task, rows, preds, f"{PROPOSED}-L{layers}-s{seed}")
 
 
 # --------------------------------------------------------------------------------------- results --- #
@@ -318,9 +328,9 @@ def build_results(params: Params, figures: bool = True) -> dict[str, Any]:
     if figures:
         for t in loaded.values():
             t.report["figures"] = _task_figures(params, t)
-        forest = F.forest_figure(clean(results))
+        forest = forest_figure(clean(results))
         if forest is not None:
-            results["figures"] = [F.save_png(forest, paths.FIGURES / "forest.png").as_posix()]
+            results["figures"] = [save_png(forest, paths.FOREST_FIGURE).as_posix()]
     for name, t in loaded.items():
         for w in t.reader.warnings:
             log.warning("%s: %s", name, w)

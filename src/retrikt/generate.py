@@ -93,10 +93,12 @@ def word_ngrams(text: str, n: int = 3) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(max(1, len(words) - n + 1))} if words else set()
 
 
-def jaccard(a: set, b: set) -> float:
-    """|a ∩ b| / |a ∪ b| (0 for two empty sets)."""
-    union = len(a | b)
-    return len(a & b) / union if union else 0.0
+def jaccard(a: set, b: set, shared: int | None = None) -> float:
+    """|a ∩ b| / |a ∪ b| (0 for two empty sets). ``shared`` is |a ∩ b| where the caller has counted it
+    already (:func:`dedupe`, from its inverted index), so the sets are not intersected again."""
+    inter = len(a & b) if shared is None else shared
+    union = len(a) + len(b) - inter
+    return inter / union if union else 0.0
 
 
 def dedupe(texts: Sequence[str], threshold: float, n: int = 3) -> tuple[list[int], int, int]:
@@ -118,7 +120,7 @@ def dedupe(texts: Sequence[str], threshold: float, n: int = 3) -> tuple[list[int
             continue
         grams = word_ngrams(text, n)
         shared = Counter(k for g in grams for k in index.get(g, ()))
-        if any(c / (len(grams) + len(grams_of[k]) - c) >= threshold for k, c in shared.items()):
+        if any(jaccard(grams, grams_of[k], c) >= threshold for k, c in shared.items()):
             near += 1
             continue
         for g in grams:
@@ -183,9 +185,9 @@ def _sample_llm(params: Params, task: Task, train: list[dict]) -> tuple[list[tup
                                                                        dict, dict]:
     """LLM samples that ended and parsed: ``(example, conditioning label, raw text)``, counts, timings."""
     gp = params.generate
-    use_rl = params.rl.enabled and (paths.rl(task.name) / "adapter_config.json").exists()
+    use_rl = params.rl.enabled and (paths.rl(task.name) / paths.ADAPTER_FILE).exists()
     adapter = paths.rl(task.name) if use_rl else paths.prompt(task.name)
-    if not (adapter / "adapter_config.json").exists():
+    if not (adapter / paths.ADAPTER_FILE).exists():
         raise MissingInputError(f"{adapter}: no soft prompt (run the prompt_tune stage first)")
     device = resolve_device(params.device)
     dtype = resolve_dtype(gp.dtype, device)
@@ -293,9 +295,9 @@ def generate(params: Params, task_name: str, run) -> dict:
     out = paths.store(task.name)
     with atomic_dir(out) as tmp:
         write_jsonl(tmp / paths.ENTRIES_FILE, entries)
-        atomic_write_json(tmp / "stats.json", metrics)
-        atomic_write_text(tmp / "preview.md", _preview(task, entries))
-    run.log_artifact(out / "preview.md")
+        atomic_write_json(tmp / paths.STORE_STATS, metrics)
+        atomic_write_text(tmp / paths.STORE_PREVIEW, _preview(task, entries))
+    run.log_artifact(out / paths.STORE_PREVIEW)
     run.set_metrics(metrics)
     if timings:
         run.set_timings(timings)

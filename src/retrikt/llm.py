@@ -34,7 +34,7 @@ import torch
 from peft import PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
 from retrikt.device import to_device
-from retrikt.models import load_generator
+from retrikt.models import ensure_pad_token, load_generator
 from retrikt.tasks import Task
 
 IGNORE = -100  # label id ignored by the loss
@@ -117,10 +117,7 @@ def load_tokenizer(generator_dir: str | Path):
     """The generator's tokenizer alone (no weights), with a pad token as :func:`load_generator` sets."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(generator_dir))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return ensure_pad_token(AutoTokenizer.from_pretrained(str(generator_dir)))
 
 
 def target_lengths(tok, task: Task, rows: Sequence[Mapping[str, Any]]) -> list[int]:

@@ -31,22 +31,28 @@ def model_info(folder: str | Path) -> dict:
     return read_json(meta) if meta.exists() else {}
 
 
-def is_seq2seq(folder: str | Path) -> bool:
-    import transformers as tf
+def ensure_pad_token(tokenizer):
+    """``tokenizer`` with EOS as its pad token where it has none (decoder-only models often lack one;
+    batching and generation need it); changed in place and returned."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
-    return bool(getattr(tf.AutoConfig.from_pretrained(folder), "is_encoder_decoder", False))
+
+def is_seq2seq(folder: str | Path) -> bool:
+    import transformers
+
+    return bool(getattr(transformers.AutoConfig.from_pretrained(folder), "is_encoder_decoder", False))
 
 
 def load_generator(folder: str | Path, device: "torch.device | str" = "cpu"):
     """(model, tokenizer) for a causal or seq2seq generator folder, in eval mode, frozen, on ``device``."""
-    import transformers as tf
+    import transformers
 
-    config = tf.AutoConfig.from_pretrained(folder)
-    cls = tf.AutoModelForSeq2SeqLM if config.is_encoder_decoder else tf.AutoModelForCausalLM
+    config = transformers.AutoConfig.from_pretrained(folder)
+    cls = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
     model = cls.from_pretrained(folder, dtype="float32")
-    tok = tf.AutoTokenizer.from_pretrained(folder)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = ensure_pad_token(transformers.AutoTokenizer.from_pretrained(folder))
     model.to(device).eval().requires_grad_(False)
     return model, tok
 

@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional, Union
 
 from retrikt.errors import ParamsError  # invalid params.yaml; the message is a single line naming the key
 from retrikt.methods import BASELINES, STORE_METHODS
+from retrikt.paths import MODEL_CONFIG, MODEL_META, PARAMS_FILE, base_model
 
 
 def _f(*, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Any:
@@ -367,9 +368,7 @@ def check_against_models(p: Params) -> None:
     runs it in check-params and at every stage's start, before any compute."""
     import json
 
-    from retrikt.paths import MODEL_META, base_model
-
-    config = base_model("encoder") / "config.json"
+    config = base_model("encoder") / MODEL_CONFIG
     try:
         cfg = json.loads(config.read_text(encoding="utf-8"))
         made = json.loads((config.parent / MODEL_META).read_text(encoding="utf-8"))
@@ -391,7 +390,7 @@ def parse_params(raw: Any) -> Params:
     return p
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
     """Read and validate params.yaml. Raises ParamsError (one line) on any problem."""
     import yaml
 

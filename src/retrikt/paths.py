@@ -18,8 +18,29 @@ TIMINGS = REPORTS / "timings"  # wall-clock costs, parallel to METRICS (machine-
 RESULTS_JSON = REPORTS / "results.json"
 RESULTS_MD = REPORTS / "results.md"
 HEADLINE_METRICS = REPORTS / "metrics.json"  # the one file dvc.yaml declares as metrics
+PARAMS_FILE = Path("params.yaml")  # the default --params, read from the working directory
+FOREST_FIGURE = FIGURES / "forest.png"  # evaluate's cross-task figure
+MLFLOW_DB = "mlflow.db"  # in the main checkout (main_repo_root()): the default MLflow store ...
+MLFLOW_ARTIFACTS = "mlartifacts"  # ... and its artifact folder
+
+# file names inside the folders above (names, not paths: each is joined to the folder it lives in)
 ENTRIES_FILE = "entries.jsonl"  # a store's entries, in data/store/<task>/ and in a retrikt student's store/
+STORE_STATS = "stats.json"  # in data/store/<task>/: the generate stage's metrics
+STORE_PREVIEW = "preview.md"  # in data/store/<task>/: a readable sample of the entries
+DATA_CARD = "card.json"  # in data/processed/<task>/: the splits' source, row and label counts, digest
 MODEL_META = "retrikt_model.json"  # in models/base/<role>/: where the model came from
+MODEL_CONFIG = "config.json"  # a Hugging Face model folder's config
+WEIGHTS_FILE = "model.safetensors"  # a model folder's weights (base models, teacher, students)
+CLASSIFIER_META = "retrikt_classifier.json"  # in a classifier folder (teacher, students): task, labels, method
+PROMPT_META = "retrikt_prompt.json"  # in models/<task>/prompt/: how the soft prompt was tuned
+RL_META = "retrikt_rl.json"  # in models/<task>/rl/: the rl stage's outcome (accepted or not)
+RL_DISABLED = "disabled.json"  # in models/<task>/rl/ instead of a prompt when rl.enabled is false
+ADAPTER_FILE = "adapter_config.json"  # a saved soft prompt (PEFT adapter): models/<task>/prompt/, .../rl/
+STORE_SUBDIR = "store"  # in a retrikt student's folder: its own index over a copy of the entries
+INDEX_FILE = "index.faiss"  # an index folder (data/index/<task>/, a retrikt student's store/): the FAISS index,
+INDEX_IDS = "ids.json"  # ... index row -> entry id,
+INDEX_META = "meta.json"  # ... which model embedded the entries, index kind, dimension, count
+INDEX_EMBEDDINGS = "embeddings.npy"  # ... and, where saved, the indexed vectors (row i = index row i)
 
 
 def base_model(role: str) -> Path:
@@ -95,6 +116,11 @@ def timings(metrics_path: str | os.PathLike) -> Path:
 
 def figures(task: str) -> Path:
     return FIGURES / task
+
+
+def figure(task: str, name: str) -> Path:
+    """One of evaluate's per-task figures."""
+    return figures(task) / f"{name}.png"
 
 
 def plot(task: str, name: str) -> Path:

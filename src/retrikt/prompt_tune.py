@@ -34,7 +34,6 @@ from retrikt.tasks import get_task
 
 log = logging.getLogger(__name__)
 VAL_ROWS = 64  # rows scored for the validation curve (and the epoch-0 train point)
-META = "retrikt_prompt.json"
 
 
 def prompt_tune(params: Params, task_name: str, run) -> dict:
@@ -98,7 +97,7 @@ def prompt_tune(params: Params, task_name: str, run) -> dict:
 
     with atomic_dir(paths.prompt(task.name)) as tmp:
         model.save_pretrained(tmp)
-        atomic_write_json(tmp / META, {"task": task.name, "generator": model_info(gen_dir),
+        atomic_write_json(tmp / paths.PROMPT_META, {"task": task.name, "generator": model_info(gen_dir),
                                        "num_virtual_tokens": pp.num_virtual_tokens, "init": pp.init,
                                        "seq2seq": seq2seq, "train_rows": len(train), "val_nll": after})
     metrics = {"val_nll_before": before, "val_nll": after, "train_nll": train_nll,

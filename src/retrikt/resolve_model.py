@@ -19,7 +19,7 @@ from pathlib import Path
 from retrikt import paths
 from retrikt.errors import ModelResolutionError
 from retrikt.io import atomic_dir, atomic_write_json
-from retrikt.models import count_parameters, sha256_file
+from retrikt.models import count_parameters, ensure_pad_token, sha256_file
 from retrikt.params import ModelSpec
 from retrikt.paths import user_path
 
@@ -47,24 +47,25 @@ def registry_path(spec: ModelSpec) -> Path:
 
 
 def _weights_file(path: Path) -> Path:
-    """The file a sha256 in params refers to: the file itself, or a folder's model.safetensors."""
+    """The file a sha256 in params refers to: the file itself, or a folder's model.safetensors
+    (:data:`retrikt.paths.WEIGHTS_FILE`) or pytorch_model.bin."""
     if path.is_file():
         return path
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    for name in (paths.WEIGHTS_FILE, "pytorch_model.bin"):
         if (path / name).exists():
             return path / name
-    raise ModelResolutionError(f"{path}: no model.safetensors or pytorch_model.bin")
+    raise ModelResolutionError(f"{path}: no {paths.WEIGHTS_FILE} or pytorch_model.bin")
 
 
 def _auto_class(config):
-    import transformers as tf
+    import transformers
 
     if getattr(config, "is_encoder_decoder", False):
-        return tf.AutoModelForSeq2SeqLM
+        return transformers.AutoModelForSeq2SeqLM
     archs = " ".join(getattr(config, "architectures", None) or [])
     if "CausalLM" in archs or "LMHead" in archs:
-        return tf.AutoModelForCausalLM
-    return tf.AutoModel
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
 
 
 def _load_source(spec: ModelSpec):
@@ -102,18 +103,18 @@ def _load_source(spec: ModelSpec):
 
 def _load_hf(src: Path):
     """(model, tokenizer) from a GGUF file or a Hugging Face folder, in fp32."""
-    import transformers as tf
+    import transformers
 
     if src.is_file() and src.suffix == ".gguf":  # dequantised by transformers into a normal model
         kw = {"gguf_file": src.name}
-        tok = tf.AutoTokenizer.from_pretrained(src.parent, **kw)
-        model = tf.AutoModelForCausalLM.from_pretrained(src.parent, dtype="float32", **kw)
+        tok = transformers.AutoTokenizer.from_pretrained(src.parent, **kw)
+        model = transformers.AutoModelForCausalLM.from_pretrained(src.parent, dtype="float32", **kw)
         model.hf_quantizer = None  # saved as plain float weights
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     else:
-        config = tf.AutoConfig.from_pretrained(src)
-        tok = tf.AutoTokenizer.from_pretrained(src)
+        config = transformers.AutoConfig.from_pretrained(src)
+        tok = transformers.AutoTokenizer.from_pretrained(src)
         model = _auto_class(config).from_pretrained(src, dtype="float32")
     return model, tok
 
@@ -121,8 +122,7 @@ def _load_hf(src: Path):
 def resolve(spec: ModelSpec, role: str, out_root: Path = paths.BASE_MODELS) -> Path:
     """Resolve ``spec`` into ``out_root/role`` (atomically) and return that folder."""
     model, tok, origin = _load_source(spec)
-    if tok.pad_token is None:  # decoders often lack one; generation and batching need it
-        tok.pad_token = tok.eos_token
+    ensure_pad_token(tok)  # decoders often lack one; generation and batching need it
     out = out_root / role
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

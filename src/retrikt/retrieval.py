@@ -5,8 +5,8 @@ command and the ``evaluate`` report (the retrieval panel).
 
 A student folder (``models/<task>/students/<method>-L<l>-s<seed>``) is a classifier folder whose
 ``retrikt_classifier.json`` names the ``method``. A ``retrikt`` student also carries ``store/``
-(:data:`STORE_SUBDIR`): its own FAISS index over the store entries (``index.faiss``, ``ids.json``,
-``meta.json``) and a copy of ``entries.jsonl``, so the folder alone is enough to serve it. Its
+(:data:`retrikt.paths.STORE_SUBDIR`): its own FAISS index over the store entries (``index.faiss``,
+``ids.json``, ``meta.json``) and a copy of ``entries.jsonl``, so the folder alone is enough to serve it. Its
 prediction for ``x`` is ``Σ_{i ≤ k} softmax(s/τ)_i · soft_label_i`` over the ``k`` entries most similar
 to ``x`` under the student's embedding (:func:`retrieval_proba`); its classification head is not used.
 """
@@ -20,14 +20,12 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from retrikt import paths, store
-from retrikt.classifier import META, Classifier
+from retrikt.classifier import Classifier
 from retrikt.io import DataError, MissingInputError, read_json, read_jsonl
 from retrikt.tasks import Task, get_task
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-STORE_SUBDIR = "store"
 
 
 def retrieval_proba(query_emb: np.ndarray, index, ids: np.ndarray, soft: np.ndarray, k: int,
@@ -72,17 +70,19 @@ class Student:
 
 def load_student(folder: str | Path, device: "torch.device | str" = "cpu") -> Student:
     folder = Path(folder)
-    meta = read_json(folder / META) if (folder / META).exists() else {}
+    meta_file = folder / paths.CLASSIFIER_META
+    meta = read_json(meta_file) if meta_file.exists() else {}
     if "method" not in meta:
-        raise MissingInputError(f"{folder}: not a student folder (no {META} naming a method)")
+        raise MissingInputError(f"{folder}: not a student folder (no {paths.CLASSIFIER_META} naming a method)")
     clf = Classifier.load(folder, device)
     if meta.get("method") != "retrikt":
         return Student(clf, meta)
-    index, ids, _ = store.load_index(folder / STORE_SUBDIR)
-    entries = read_jsonl(folder / STORE_SUBDIR / paths.ENTRIES_FILE)
+    index, ids, _ = store.load_index(folder / paths.STORE_SUBDIR)
+    entries = read_jsonl(folder / paths.STORE_SUBDIR / paths.ENTRIES_FILE)
     if sorted(e.get("id") for e in entries if isinstance(e.get("id"), int)) != list(range(len(entries))) \
             or not set(ids.tolist()) <= set(range(len(entries))):
-        raise DataError(f"{folder / STORE_SUBDIR}: the index ids do not match the entries' ids 0..{len(entries) - 1}")
+        raise DataError(f"{folder / paths.STORE_SUBDIR}: the index ids do not match the entries' ids "
+                        f"0..{len(entries) - 1}")
     return Student(clf, meta, index, ids, entries, store.soft_labels(entries))
 
 

@@ -33,7 +33,7 @@ MIN_POINTS_PER_CENTROID = 39  # below this FAISS warns that k-means is under-tra
 
 def model_identity(folder: str | Path) -> dict:
     """Which classifier embedded the entries: its folder and the sha256 of ``model.safetensors``."""
-    return {"model": str(folder), "model_sha256": sha256_file(Path(folder) / "model.safetensors")}
+    return {"model": str(folder), "model_sha256": sha256_file(Path(folder) / paths.WEIGHTS_FILE)}
 
 
 def load_entries(task: str, path: str | Path | None = None) -> list[dict]:
@@ -120,11 +120,11 @@ def save_index(folder: str | Path, index: "faiss.Index", ids: Sequence[int], met
     if len(ids) != index.ntotal:
         raise ValueError(f"{len(ids)} ids for an index of {index.ntotal} vectors")
     with atomic_dir(folder) as tmp:
-        faiss.write_index(index, str(tmp / "index.faiss"))
+        faiss.write_index(index, str(tmp / paths.INDEX_FILE))
         if embeddings is not None:
-            np.save(tmp / "embeddings.npy", np.asarray(embeddings, dtype=np.float32))
-        atomic_write_json(tmp / "ids.json", [int(i) for i in ids])
-        atomic_write_json(tmp / "meta.json", {**meta, **index_params(index), "dim": int(index.d),
+            np.save(tmp / paths.INDEX_EMBEDDINGS, np.asarray(embeddings, dtype=np.float32))
+        atomic_write_json(tmp / paths.INDEX_IDS, [int(i) for i in ids])
+        atomic_write_json(tmp / paths.INDEX_META, {**meta, **index_params(index), "dim": int(index.d),
                                               "count": int(index.ntotal)})
     return Path(folder)
 
@@ -134,22 +134,22 @@ def load_index(folder: str | Path) -> tuple["faiss.Index", np.ndarray, dict]:
     import faiss
 
     folder = Path(folder)
-    if not (folder / "index.faiss").exists():
-        raise MissingInputError(f"{folder}: no index.faiss (run the index stage first)")
+    if not (folder / paths.INDEX_FILE).exists():
+        raise MissingInputError(f"{folder}: no {paths.INDEX_FILE} (run the index stage first)")
     try:
-        index = faiss.read_index(str(folder / "index.faiss"))
+        index = faiss.read_index(str(folder / paths.INDEX_FILE))
     except RuntimeError as e:  # FAISS's own message is a C++ stack of several lines
         first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
         first = first.split("Error: ", 1)[-1][:160]  # FAISS: "Error in <signature> at <file>: Error: '<what>'"
-        raise DataError(f"{folder / 'index.faiss'}: not a readable FAISS index, truncated or corrupt? "
+        raise DataError(f"{folder / paths.INDEX_FILE}: not a readable FAISS index, truncated or corrupt? "
                         f"({first}); re-run the index stage") from None
-    ids = read_json(folder / "ids.json", "run the index stage first")
+    ids = read_json(folder / paths.INDEX_IDS, "run the index stage first")
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise DataError(f"{folder / 'ids.json'}: expected a JSON list of entry ids (integers >= 0)")
+        raise DataError(f"{folder / paths.INDEX_IDS}: expected a JSON list of entry ids (integers >= 0)")
     ids = np.asarray(ids, dtype=np.int64)
-    meta = read_json(folder / "meta.json", "run the index stage first")
+    meta = read_json(folder / paths.INDEX_META, "run the index stage first")
     if len(ids) != index.ntotal:
-        raise DataError(f"{folder}: ids.json has {len(ids)} ids, the index {index.ntotal} vectors")
+        raise DataError(f"{folder}: {paths.INDEX_IDS} has {len(ids)} ids, the index {index.ntotal} vectors")
     return index, ids, meta
 
 
@@ -177,7 +177,7 @@ def dir_bytes(folder: str | Path) -> int:
 
 def load_embeddings(folder: str | Path) -> np.ndarray:
     """The ``embeddings.npy`` saved next to an index (row i = index row i)."""
-    path = Path(folder) / "embeddings.npy"
+    path = Path(folder) / paths.INDEX_EMBEDDINGS
     if not path.exists():
         raise MissingInputError(f"{path}: missing (run the index stage first)")
     try:

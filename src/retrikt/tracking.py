@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 from retrikt.errors import TrackingError
 from retrikt.io import atomic_write_json
-from retrikt.paths import main_repo_root, timings as timings_path
+from retrikt.paths import MLFLOW_ARTIFACTS, MLFLOW_DB, PARAMS_FILE, main_repo_root, timings as timings_path
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "retrikt"
@@ -59,7 +59,7 @@ def disable_telemetry() -> None:
 
 def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{main_repo_root() / 'mlflow.db'}"
+    return uri or f"sqlite:///{main_repo_root() / MLFLOW_DB}"
 
 
 _LOCK_DEPTH = 0  # store_lock held by this process (re-entrant)
@@ -159,7 +159,7 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def pipeline_key(params_path: str | os.PathLike = "params.yaml") -> str:
+def pipeline_key(params_path: str | os.PathLike = PARAMS_FILE) -> str:
     p = Path(params_path)
     h = hashlib.sha256(p.read_bytes()).hexdigest()[:12] if p.exists() else "noparams"
     return f"{git_commit()[:12]}:{os.environ.get('DVC_EXP_NAME', 'workspace')}:{h}"
@@ -231,7 +231,7 @@ class StageRun:
             client = MlflowClient(uri)
             exp = client.get_experiment_by_name(EXPERIMENT)
             if exp is None:
-                art = (main_repo_root() / "mlartifacts").as_uri() if uri.startswith("sqlite") else None
+                art = (main_repo_root() / MLFLOW_ARTIFACTS).as_uri() if uri.startswith("sqlite") else None
                 try:
                     exp_id = client.create_experiment(EXPERIMENT, artifact_location=art, tags={KIND_TAG: KIND})
                 except Exception:  # noqa: BLE001 - a concurrent stage (dvc queue -j N) created it first
@@ -277,7 +277,7 @@ class StageRun:
         try:
             import yaml
 
-            raw = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")) or {}
+            raw = yaml.safe_load(PARAMS_FILE.read_text(encoding="utf-8")) or {}
         except (OSError, ValueError):
             raw = {}
         flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(raw).items()}

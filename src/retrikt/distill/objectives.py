@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from retrikt import paths, store
 from retrikt.classifier import Classifier, Objective, ce_objective
 from retrikt.device import to_device
-from retrikt.distill import losses as L
+from retrikt.distill import losses
 from retrikt.io import DataError
 from retrikt.models import sha256_file
 from retrikt.params import Params
@@ -77,7 +77,7 @@ def vanilla_kd(student: Classifier, teacher: Classifier, train: list[dict], entr
     def loss(idx: list[int]) -> torch.Tensor:
         rows = [train[i] for i in idx]
         z = student.forward(rows)[0].logits
-        return L.kd_ce_loss(z, t_logits[idx], _labels(rows, z.device), sp.kd_alpha, sp.kd_temperature).total
+        return losses.kd_ce_loss(z, t_logits[idx], _labels(rows, z.device), sp.kd_alpha, sp.kd_temperature).total
 
     return Objective(len(train), loss, student.predict_proba)
 
@@ -120,7 +120,7 @@ def mgskd(student: Classifier, teacher: Classifier, train: list[dict], entries: 
     check_same_tokenizer(student, teacher, train[:32], "mgskd")
     heads = math.gcd(MGSKD_MAX_HEADS, student.model.config.hidden_size, teacher.model.config.hidden_size)
     n_teacher = teacher.model.config.num_hidden_layers
-    layers = [t for _, t in L.mgskd_layer_map(student.model.config.num_hidden_layers, n_teacher)]
+    layers = [t for _, t in losses.mgskd_layer_map(student.model.config.num_hidden_layers, n_teacher)]
     cache: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
     dev = student.model.device
     with torch.no_grad():
@@ -137,9 +137,9 @@ def mgskd(student: Classifier, teacher: Classifier, train: list[dict], entries: 
         for j, t in enumerate(layers):
             t_hidden[t] = scatter_tokens([cache[i][1][j] for i in idx], mask)
         t_logits = torch.stack([cache[i][0] for i in idx])
-        base = L.kd_ce_loss(s_out.logits, t_logits, _labels(rows, mask.device), sp.kd_alpha, sp.kd_temperature)
-        rel = L.mgskd_loss(s_out.hidden_states, t_hidden, mask, n_heads=heads,
-                           w_sample=sp.mgskd_sample_weight, w_token=sp.mgskd_token_weight)
+        base = losses.kd_ce_loss(s_out.logits, t_logits, _labels(rows, mask.device), sp.kd_alpha, sp.kd_temperature)
+        rel = losses.mgskd_loss(s_out.hidden_states, t_hidden, mask, n_heads=heads,
+                                w_sample=sp.mgskd_sample_weight, w_token=sp.mgskd_token_weight)
         return base.total + rel.total
 
     return Objective(len(train), loss, student.predict_proba)
@@ -169,8 +169,8 @@ def adkd(student: Classifier, teacher: Classifier, train: list[dict], entries: N
     for rows, enc in _teacher_batches(student, teacher, train):
         with torch.enable_grad():
             t_logits = teacher.model(**enc).logits
-        a_t = L.attribution(t_logits, seen["t"], enc["attention_mask"], labels=views(_labels(rows, t_logits.device)),
-                            top_k=sp.adkd_top_k)                                   # [B, V, T]
+        a_t = losses.attribution(t_logits, seen["t"], enc["attention_mask"],
+                                 labels=views(_labels(rows, t_logits.device)), top_k=sp.adkd_top_k)  # [B, V, T]
         real = enc["attention_mask"].bool()
         cache += [(t_logits[b].detach().to(dev), a_t[b][:, real[b]].T.to(dev)) for b in range(len(rows))]
     hook.remove()
@@ -181,11 +181,11 @@ def adkd(student: Classifier, teacher: Classifier, train: list[dict], entries: N
         s_out, enc = student.forward(rows)
         mask = enc["attention_mask"]
         y = _labels(rows, mask.device)
-        a_s = L.attribution(s_out.logits, seen["s"], mask, labels=views(y), create_graph=True)
+        a_s = losses.attribution(s_out.logits, seen["s"], mask, labels=views(y), create_graph=True)
         a_t = scatter_tokens([cache[i][1] for i in idx], mask).transpose(1, 2)
         t_logits = torch.stack([cache[i][0] for i in idx])
-        return L.adkd_loss(s_out.logits, t_logits, y, a_s, a_t, mask, alpha=sp.kd_alpha,
-                           temperature=sp.kd_temperature, beta=sp.adkd_beta).total
+        return losses.adkd_loss(s_out.logits, t_logits, y, a_s, a_t, mask, alpha=sp.kd_alpha,
+                                temperature=sp.kd_temperature, beta=sp.adkd_beta).total
 
     return Objective(len(train), loss, student.predict_proba, release=student_hook.remove)
 
@@ -201,7 +201,7 @@ def retrikt_kd(student: Classifier, teacher: Classifier, train: list[dict], entr
 
     def loss(idx: list[int]) -> torch.Tensor:
         z = student.forward([rows_all[i] for i in idx])[0].logits
-        kd = L.kd_loss(z, targets[idx], sp.kd_temperature)
+        kd = losses.kd_loss(z, targets[idx], sp.kd_temperature)
         gold = [j for j, i in enumerate(idx) if i < n_train]
         if not gold:
             return sp.kd_alpha * kd
@@ -326,14 +326,14 @@ class Retrieval:
             s_c = s_u[torch.from_numpy(pos.reshape(cand.shape)).to(s_u.device)]  # [B, K, H]
         else:
             s_c = self.entry_emb[c]
-        loss = L.retrieval_kl_loss(self.t_queries[idx], self.t_entries[c], s_q, s_c, self.tau, mask=mask)
+        loss = losses.retrieval_kl_loss(self.t_queries[idx], self.t_entries[c], s_q, s_c, self.tau, mask=mask)
         gold = [j for j, i in enumerate(idx) if i < len(self.gold)]
         if self.ce_weight > 0 and gold:
             sims = torch.einsum("bh,bkh->bk", s_q[gold], s_c[gold])
             if mask is not None:
                 sims = sims.masked_fill(~mask[gold], float("-inf"))
             top, at = sims.topk(min(self.top_k, sims.shape[1]), dim=1)
-            p = L.retrieval_aggregate(top, self.t_soft[c[gold].gather(1, at)], self.tau)
+            p = losses.retrieval_aggregate(top, self.t_soft[c[gold].gather(1, at)], self.tau)
             y = torch.tensor([self.gold[idx[j]] for j in gold], device=s_q.device)
             loss = loss + self.ce_weight * -p.gather(1, y[:, None]).clamp_min(1e-12).log().mean()
         return loss

@@ -30,7 +30,7 @@ from retrikt.io import atomic_dir, read_jsonl
 from retrikt.methods import get_method
 from retrikt.models import count_parameters
 from retrikt.params import Params
-from retrikt.retrieval import STORE_SUBDIR, retrieval_proba
+from retrikt.retrieval import retrieval_proba
 from retrikt.seeding import seed_everything
 from retrikt.tasks import get_task
 from retrikt.timing import ab_latency
@@ -89,14 +89,14 @@ def train_student(params: Params, task_name: str, run, *, method: str, layers: i
     folder = paths.student(task.name, method, layers, seed)
     extra = {"method": method, "layers": layers, "seed": seed, "base": "encoder"}
     if retrieval is not None:
-        extra["retrieval"] = {"tau": sp.retrieval_tau, "top_k": sp.retrieval_top_k, "store": STORE_SUBDIR}
+        extra["retrieval"] = {"tau": sp.retrieval_tau, "top_k": sp.retrieval_top_k, "store": paths.STORE_SUBDIR}
     with atomic_dir(folder) as tmp:
         student.save(tmp, extra=extra)
         if retrieval is not None:
             index = retrieval.index  # built from the final student by the last epoch's validation
             meta = {"task": task.name, "embedded_by": "student", "method": method}
-            store.save_index(tmp / STORE_SUBDIR, index, [e["id"] for e in entries], meta)
-            shutil.copyfile(paths.store_entries(task.name), tmp / STORE_SUBDIR / paths.ENTRIES_FILE)
+            store.save_index(tmp / paths.STORE_SUBDIR, index, [e["id"] for e in entries], meta)
+            shutil.copyfile(paths.store_entries(task.name), tmp / paths.STORE_SUBDIR / paths.ENTRIES_FILE)
 
     if retrieval is not None:
         proba = retrieval.predict(validation, retrieval.index)
@@ -111,11 +111,11 @@ def train_student(params: Params, task_name: str, run, *, method: str, layers: i
     timed = validation[:LATENCY_EXAMPLES]
     store_bytes = 0
     if spec.retrieves:
-        store_bytes = store.dir_bytes(folder / STORE_SUBDIR)  # the student's index + its copy of entries.jsonl
+        store_bytes = store.dir_bytes(folder / paths.STORE_SUBDIR)  # the student's index + its copy of entries.jsonl
     elif spec.needs_store:
         store_bytes = paths.store_entries(task.name).stat().st_size
     out = {**metrics, "parameters": count_parameters(student.model),
-           "model_bytes": (folder / "model.safetensors").stat().st_size, "store_bytes": store_bytes}
+           "model_bytes": (folder / paths.WEIGHTS_FILE).stat().st_size, "store_bytes": store_bytes}
     timings = {"train_seconds": train_seconds, "setup_seconds": setup_seconds,
                "epoch_seconds": (train_seconds - setup_seconds) / epochs,
                **serving_latency(student, serve, timed)}

@@ -38,7 +38,6 @@ from retrikt.rl.rewards import RewardWeights, compute_rewards, corpus_self_bleu,
 from retrikt.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
-ADAPTER_FILE = "adapter_config.json"
 
 
 def label_sampler(task: Task, train: Sequence[dict], how: str, seed: int):
@@ -137,7 +136,8 @@ def rl(params: Params, task_name: str, run) -> dict:
     out_dir = paths.rl(task.name)
     if not rp.enabled:
         with atomic_dir(out_dir) as tmp:
-            atomic_write_json(tmp / "disabled.json", {"reason": "rl.enabled is false: generate uses the step-1 prompt"})
+            atomic_write_json(tmp / paths.RL_DISABLED,
+                              {"reason": "rl.enabled is false: generate uses the step-1 prompt"})
         run.set_metrics({"enabled": 0})
         return {"enabled": 0}
 
@@ -174,7 +174,7 @@ def rl(params: Params, task_name: str, run) -> dict:
         else:
             info["reason"] = "the RL prompt lowered the evaluation reward; generate uses the step-1 prompt"
             log.warning("rl: %s (%.4f -> %.4f)", info["reason"], before["reward"], after["reward"])
-        atomic_write_json(tmp / "retrikt_rl.json", info)
+        atomic_write_json(tmp / paths.RL_META, info)
     metrics = {"enabled": 1, "accepted": int(accepted), "updates": rp.updates, "rollouts": rp.updates * rp.batch_size,
                "eval_rollouts": rp.eval_samples, "max_new_tokens": rp.max_new_tokens, "length_min": bounds[0],
                "length_max": bounds[1],

@@ -22,6 +22,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from retrikt.models import ensure_pad_token
 from retrikt.params import RLParams
 from retrikt.rl.ppo import RewardFn
 
@@ -112,8 +113,7 @@ def train_with_trl(
     if not model.active_peft_config.is_prompt_learning:
         raise ValueError("expected a prompt-tuning PeftModel (the step-1 soft prompt)")
     model.prompt_encoder[model.active_adapter].requires_grad_(True)  # also if loaded with is_trainable=False
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     # a step draws batch_size / num_generations distinct rows; tile a small pool so one step fits
     per_step = max(1, rl.batch_size // rl.num_generations)
     pool = list(conditions) * -(-per_step // max(1, len(conditions)))
