@@ -84,6 +84,39 @@ def make_tiny_encoder(path: Path, layers: int = 4) -> Path:
     return path
 
 
+def char_tokenizer():
+    """A WordPiece tokenizer that knows only characters (every word split into letters) and frames a
+    pair RoBERTa-style, ``<s> A </s> </s> B </s>``: a teacher that tokenizes unlike the tiny encoders."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<unk>", "<s>", "</s>", "<mask>"]
+    chars = sorted({c for line in CORPUS for c in line.lower() if not c.isspace()})
+    vocab = list(dict.fromkeys(special + chars + ["##" + c for c in chars]))
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B:1 </s>:1", special_tokens=[("<s>", bos), ("</s>", eos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", cls_token="<s>", sep_token="</s>", mask_token="<mask>")
+
+
+def make_tiny_mpnet(path: Path, layers: int = 2, chars: bool = False) -> Path:
+    """An MPNet encoder folder (a RoBERTa-style classifier head reads token 0), H=32; the tiny encoders'
+    WordPiece tokenizer, or :func:`char_tokenizer` (``chars``)."""
+    import torch
+    from transformers import MPNetConfig, MPNetModel
+
+    torch.manual_seed(0)
+    tok = char_tokenizer() if chars else _word_tokenizer("wordpiece")
+    cfg = MPNetConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=256, pad_token_id=tok.pad_token_id)
+    MPNetModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def make_tiny_causal(path: Path) -> Path:
     """A Llama-like causal LM folder + BPE tokenizer, H=32."""
     import torch
@@ -142,6 +175,16 @@ def fit_tiny_generator(base: Path, task, rows: list[dict], out: Path, max_length
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory) -> Path:
     return make_tiny_encoder(tmp_path_factory.mktemp("tiny-encoder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mpnet_dir(tmp_path_factory) -> Path:
+    return make_tiny_mpnet(tmp_path_factory.mktemp("tiny-mpnet"))
+
+
+@pytest.fixture(scope="session")
+def tiny_char_mpnet_dir(tmp_path_factory) -> Path:
+    return make_tiny_mpnet(tmp_path_factory.mktemp("tiny-char-mpnet"), chars=True)
 
 
 @pytest.fixture(scope="session")

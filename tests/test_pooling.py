@@ -57,3 +57,34 @@ def test_unknown_pooling_and_models_without_a_pooler(tiny_encoder_dir):
         Classifier.from_base(tiny_encoder_dir, CB, 32, num_layers=2, pooling="max")
     with pytest.raises(ValueError, match="needs a BERT-like pooler"):
         set_pooling(torch.nn.Linear(2, 2), "mean")
+
+
+def test_mean_pooling_of_a_roberta_style_head(tiny_mpnet_dir, tmp_path):
+    """MPNet (all-mpnet-base-v2, a teacher option) has no pooler: its head reads token 0 of the sequence
+    output. Mean pooling hands the head the masked mean in token 0's place; padding changes nothing, the
+    head's weights keep their names, and save + load re-installs it."""
+    torch.manual_seed(0)
+    clf = Classifier.from_base(tiny_mpnet_dir, CB, 32, pooling="mean")
+    clf.model.eval()
+    out, enc = clf.forward(ROWS, hidden=True)
+    mask = enc["attention_mask"]
+    assert (mask == 0).any()
+    h = out.hidden_states[-1]
+    mean = torch.stack([h[b, mask[b].bool()].mean(0) for b in range(len(ROWS))])
+    head = clf.model.classifier
+    want = head.out_proj(torch.tanh(head.dense(mean)))
+    assert torch.allclose(out.logits, want, atol=1e-5)
+    first = head.out_proj(torch.tanh(head.dense(h[:, 0])))  # what HF's [CLS]-style head would give
+    assert not torch.allclose(out.logits, first, atol=1e-3)
+    with torch.no_grad():
+        alone = clf.model(**clf.encode(ROWS[:1])).logits
+    assert torch.allclose(alone, out.logits[:1], atol=1e-5)
+    assert {"classifier.dense.weight", "classifier.out_proj.weight"} <= set(clf.model.state_dict())
+    clf.save(tmp_path / "clf")
+    loaded = Classifier.load(tmp_path / "clf")
+    assert loaded.pooling == "mean"
+    assert torch.allclose(torch.from_numpy(loaded.predict_proba(ROWS)), torch.from_numpy(clf.predict_proba(ROWS)),
+                          atol=1e-6)
+    set_pooling(loaded.model, "mean")  # installing twice changes nothing
+    assert torch.allclose(torch.from_numpy(loaded.predict_proba(ROWS)), torch.from_numpy(clf.predict_proba(ROWS)),
+                          atol=1e-6)

@@ -58,25 +58,41 @@ class MeanPooler(torch.nn.Module):
         return self.activation(self.dense(mean_pool(hidden_states, mask)))
 
 
+def _mean_into_first_token(head_input: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, T, H]`` -> ``[B, 1, H]``: the masked mean where a RoBERTa-style head reads token 0."""
+    mask = mask if mask is not None else head_input.new_ones(head_input.shape[:2])
+    return mean_pool(head_input, mask).unsqueeze(1)
+
+
 def set_pooling(model, pooling: str):
-    """Make a BERT-like ``*ForSequenceClassification`` classify from ``pooling`` (``cls``: as loaded;
-    ``mean``: :class:`MeanPooler`). Returns the model."""
+    """Make a ``*ForSequenceClassification`` classify from ``pooling`` (``cls``: as loaded; ``mean``:
+    the masked token mean). BERT-like models (a ``pooler`` with ``dense`` + ``activation``) get a
+    :class:`MeanPooler`; RoBERTa-style ones (MPNet, RoBERTa: a ``classifier`` head that reads token 0 of
+    the sequence output) get a pre-hook that hands their head the mean in token 0's place. Either way
+    the weights keep their names. Returns the model."""
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
-    if pooling == "cls":
+    if pooling == "cls" or getattr(model, "_retrikt_mean_pooling", False):
         return model
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     pooler = getattr(base, "pooler", None)
-    if pooler is None or not hasattr(pooler, "dense"):
-        raise ValueError(f"{type(model).__name__}: pooling 'mean' needs a BERT-like pooler (dense + activation)")
-    if not isinstance(pooler, MeanPooler):
+    head = getattr(model, "classifier", None)
+    if pooler is not None and hasattr(pooler, "dense"):
         base.pooler = pooler = MeanPooler(pooler)
+        state = pooler
+    elif base is not None and head is not None and hasattr(head, "out_proj"):
+        state = head
+        head.register_forward_pre_hook(lambda _m, args: (_mean_into_first_token(args[0], state.mask), *args[1:]))
+    else:
+        raise ValueError(f"{type(model).__name__}: pooling 'mean' needs a BERT-like pooler (dense + activation) "
+                         "or a RoBERTa-style classifier head (dense + out_proj on token 0)")
+    state.mask = None
 
-        def keep_mask(_module, args, kwargs):
-            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-            pooler.mask = mask
+    def keep_mask(_module, args, kwargs):
+        state.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
 
-        base.register_forward_pre_hook(keep_mask, with_kwargs=True)
+    base.register_forward_pre_hook(keep_mask, with_kwargs=True)
+    model._retrikt_mean_pooling = True
     return model
 
 
