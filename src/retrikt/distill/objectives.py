@@ -10,11 +10,13 @@ method that does not read the store. Losses all come from :mod:`retrikt.distill.
 * ``vanilla_kd``: α·KD + (1−α)·CE on train.
 * ``mgskd``: α·KD + (1−α)·CE + MGSKD(w_sample, w_token) added with weight 1, as AD-KD's
   ``glue_train.py`` (``loss + mgskd_w · mgskd``, ``mgskd_w = 1``) — one stage, not TinyBERT's two.
-  Teacher and student read the same token ids (tokenizers must match); relation heads
-  ``gcd(64, H_S, H_T)`` (64 for MiniLM).
+  Teacher and student read the same token ids, or the teacher's own, carried onto the student's tokens
+  through character offsets (:mod:`retrikt.distill.align`); relation heads ``gcd(64, H_S, H_T)``
+  (64 for MiniLM).
 * ``adkd``: α·KD + (1−α)·CE + β·L_attr over the embedding-layer output; one view per class when
   C > 2 (the code's multi-class variant), else the gold-label view; teacher keeps its top
-  ``adkd_top_k`` fraction of dims.
+  ``adkd_top_k`` fraction of dims. A teacher that tokenizes otherwise has its attributions split onto
+  the student's tokens (:func:`retrikt.distill.align.split_onto`).
 * ``retrikt_kd``: KD on train ∪ store: L = α·mean_{batch} KD + (1−α)·mean_{train rows} CE. Store
   entries have no gold label, so they get the KD term only; their teacher distribution is rebuilt
   from the stored soft label p as ``softmax(log p / T)`` — exactly the reward model's
@@ -35,21 +37,25 @@ re-padded per batch (``setup_seconds``), not recomputed every epoch.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from retrikt import paths, store
 from retrikt.classifier import Classifier, Objective, ce_objective
 from retrikt.device import to_device
-from retrikt.distill import losses
+from retrikt.distill import align, losses
 from retrikt.io import DataError
 from retrikt.models import sha256_file
 from retrikt.params import Params
 from retrikt.retrieval import retrieval_proba
+
+log = logging.getLogger(__name__)
 
 MGSKD_MAX_HEADS = 64  # n_relation_heads in both official repos
 TEACHER_BATCH = 32  # batch size of the one-off teacher passes
@@ -82,17 +88,14 @@ def vanilla_kd(student: Classifier, teacher: Classifier, train: list[dict], entr
     return Objective(len(train), loss, student.predict_proba)
 
 
-def check_same_tokenizer(a: Classifier, b: Classifier, rows: Sequence[dict], method: str) -> None:
-    """Raise ValueError unless both classifiers turn ``rows`` into the same token ids (MGSKD and
-    AD-KD compare teacher and student token by token)."""
-    same = a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
-    if same:
-        pairs = [a.task.render(r) for r in rows]
-        kw = dict(truncation=True, max_length=a.max_length)
-        same = all(a.tokenizer(*p, **kw)["input_ids"] == b.tokenizer(*p, **kw)["input_ids"] for p in pairs)
-    if not same:
-        raise ValueError(f"{method}: the teacher and the student tokenize differently, but {method} compares "
-                         "them token by token; use a teacher built on the student's encoder")
+def same_tokenization(a: Classifier, b: Classifier, rows: Sequence[dict]) -> bool:
+    """Whether both classifiers turn ``rows`` into the same token ids (then MGSKD and AD-KD compare
+    teacher and student token by token directly; else through :mod:`retrikt.distill.align`)."""
+    if a.tokenizer.get_vocab() != b.tokenizer.get_vocab():
+        return False
+    pairs = [a.task.render(r) for r in rows]
+    kw = dict(truncation=True, max_length=a.max_length)
+    return all(a.tokenizer(*p, **kw)["input_ids"] == b.tokenizer(*p, **kw)["input_ids"] for p in pairs)
 
 
 def scatter_tokens(parts: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -103,12 +106,25 @@ def scatter_tokens(parts: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.T
     return out
 
 
-def _teacher_batches(student: Classifier, teacher: Classifier, rows: Sequence[dict]):
-    """``(rows, enc)`` chunks of ``rows`` tokenised by the student (the teacher reads the same ids), on
-    the teacher's device."""
+def _teacher_batches(student: Classifier, teacher: Classifier, rows: Sequence[dict], method: str):
+    """``(rows, enc, maps)`` chunks of ``rows`` for the one-off teacher passes, ``enc`` on the teacher's
+    device. A teacher that tokenizes like the student reads the student's ids (``maps`` None); any
+    other reads its own, and ``maps`` holds each row's student x teacher token alignment
+    (:func:`retrikt.distill.align.alignment`) to carry its per-token outputs onto the student's tokens."""
+    same = same_tokenization(student, teacher, rows[:32])
+    if not same:
+        log.info("%s: the teacher tokenizes differently; its per-token outputs are carried onto the student's "
+                 "tokens through character offsets (retrikt.distill.align)", method)
+    unmatched = total = 0
     for i in range(0, len(rows), TEACHER_BATCH):
         chunk = rows[i:i + TEACHER_BATCH]
-        yield chunk, to_device(student.encode(chunk), teacher.model.device)
+        maps = None
+        if not same:
+            maps, u, n = align.token_maps(student, teacher, chunk)
+            unmatched, total = unmatched + u, total + n
+        yield chunk, to_device((student if same else teacher).encode(chunk), teacher.model.device), maps
+    if not same:
+        log.info("%s: %d of %d student tokens matched no teacher token (zeros there)", method, unmatched, total)
 
 
 def mgskd(student: Classifier, teacher: Classifier, train: list[dict], entries: None,
@@ -117,17 +133,19 @@ def mgskd(student: Classifier, teacher: Classifier, train: list[dict], entries: 
     input only), kept on the student's device and re-padded per batch; the unmatched teacher layers
     are never read (None)."""
     sp = params.student
-    check_same_tokenizer(student, teacher, train[:32], "mgskd")
     heads = math.gcd(MGSKD_MAX_HEADS, student.model.config.hidden_size, teacher.model.config.hidden_size)
     n_teacher = teacher.model.config.num_hidden_layers
     layers = [t for _, t in losses.mgskd_layer_map(student.model.config.num_hidden_layers, n_teacher)]
     cache: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
     dev = student.model.device
     with torch.no_grad():
-        for _, enc in _teacher_batches(student, teacher, train):
+        for _, enc, maps in _teacher_batches(student, teacher, train, "mgskd"):
             out, real = teacher.model(**enc, output_hidden_states=True), enc["attention_mask"].bool()
-            cache += [(out.logits[b].to(dev), [out.hidden_states[t][b, real[b]].to(dev) for t in layers])
-                      for b in range(len(real))]
+            for b in range(len(real)):
+                hidden = [out.hidden_states[t][b, real[b]] for t in layers]
+                if maps is not None:
+                    hidden = [align.pool_onto(maps[b], h) for h in hidden]
+                cache.append((out.logits[b].to(dev), [h.to(dev) for h in hidden]))
 
     def loss(idx: list[int]) -> torch.Tensor:
         rows = [train[i] for i in idx]
@@ -155,7 +173,6 @@ def adkd(student: Classifier, teacher: Classifier, train: list[dict], entries: N
     normalised over its own tokens, so it does not depend on the batch it sits in (the 1/B of the
     batch mean cancels)."""
     sp = params.student
-    check_same_tokenizer(student, teacher, train[:32], "adkd")
     seen: dict[str, torch.Tensor] = {}
     views = (lambda y: None) if student.task.num_labels > 2 else (lambda y: y)  # multi-view when C > 2
 
@@ -166,19 +183,26 @@ def adkd(student: Classifier, teacher: Classifier, train: list[dict], entries: N
     hook = _embeddings_module(teacher).register_forward_hook(leaf)
     cache: list[tuple[torch.Tensor, torch.Tensor]] = []
     dev = student.model.device
-    for rows, enc in _teacher_batches(student, teacher, train):
+    for rows, enc, maps in _teacher_batches(student, teacher, train, "adkd"):
         with torch.enable_grad():
             t_logits = teacher.model(**enc).logits
         a_t = losses.attribution(t_logits, seen["t"], enc["attention_mask"],
                                  labels=views(_labels(rows, t_logits.device)), top_k=sp.adkd_top_k)  # [B, V, T]
         real = enc["attention_mask"].bool()
-        cache += [(t_logits[b].detach().to(dev), a_t[b][:, real[b]].T.to(dev)) for b in range(len(rows))]
+        for b in range(len(rows)):
+            a_b = a_t[b][:, real[b]].T  # [T, V] over the teacher's real tokens
+            if maps is not None:
+                a_b = align.split_onto(maps[b], a_b)
+            cache.append((t_logits[b].detach().to(dev), a_b.to(dev)))
     hook.remove()
     student_hook = _embeddings_module(student).register_forward_hook(lambda _m, _i, out: seen.__setitem__("s", out))
 
     def loss(idx: list[int]) -> torch.Tensor:
         rows = [train[i] for i in idx]
-        s_out, enc = student.forward(rows)
+        # the loss back-propagates through ∂/∂E, and the fused attention kernels (CPU flash, which torch
+        # picks when attention dropout is off, e.g. in eval mode) have no double backward: use the math one
+        with sdpa_kernel(SDPBackend.MATH):
+            s_out, enc = student.forward(rows)
         mask = enc["attention_mask"]
         y = _labels(rows, mask.device)
         a_s = losses.attribution(s_out.logits, seen["s"], mask, labels=views(y), create_graph=True)
