@@ -28,7 +28,10 @@ from retrikt.tasks import Task, get_task
 log = logging.getLogger(__name__)
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, T, H]`` -> ``[B, H]``: the mean over the tokens ``mask`` marks (None: every token)."""
+    if mask is None:
+        return hidden.mean(1)
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
@@ -54,14 +57,7 @@ class MeanPooler(torch.nn.Module):
         self.mask: torch.Tensor | None = None  # set by a pre-hook on the base model, per forward
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        mask = self.mask if self.mask is not None else hidden_states.new_ones(hidden_states.shape[:2])
-        return self.activation(self.dense(mean_pool(hidden_states, mask)))
-
-
-def _mean_into_first_token(head_input: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``[B, T, H]`` -> ``[B, 1, H]``: the masked mean where a RoBERTa-style head reads token 0."""
-    mask = mask if mask is not None else head_input.new_ones(head_input.shape[:2])
-    return mean_pool(head_input, mask).unsqueeze(1)
+        return self.activation(self.dense(mean_pool(hidden_states, self.mask)))
 
 
 def set_pooling(model, pooling: str):
@@ -82,7 +78,8 @@ def set_pooling(model, pooling: str):
         state = pooler
     elif base is not None and head is not None and hasattr(head, "out_proj"):
         state = head
-        head.register_forward_pre_hook(lambda _m, args: (_mean_into_first_token(args[0], state.mask), *args[1:]))
+        # the head reads token 0 of its input: give it [B, 1, H], the masked mean
+        head.register_forward_pre_hook(lambda _m, args: (mean_pool(args[0], state.mask).unsqueeze(1), *args[1:]))
     else:
         raise ValueError(f"{type(model).__name__}: pooling 'mean' needs a BERT-like pooler (dense + activation) "
                          "or a RoBERTa-style classifier head (dense + out_proj on token 0)")

