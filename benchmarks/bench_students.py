@@ -89,16 +89,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("RETRIKT_MLFLOW", "0")
 
-    import yaml
-
     from retrikt.distill.train import train_student
     from retrikt.index import index as index_stage
+    from retrikt.io import load_yaml
     from retrikt.methods import METHODS
     from retrikt.params import parse_params
     from retrikt.tracking import StageRun, disable_telemetry
 
     disable_telemetry()
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = load_yaml((REPO / "params.yaml").read_text())
     raw["student"]["epochs"] = args.epochs
     dtypes = args.dtypes or [raw["student"]["dtype"]]
     by_dtype = {}

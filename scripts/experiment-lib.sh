@@ -6,7 +6,7 @@ repo=$PWD
 [ -x .venv/bin/retrikt ] || { echo "no .venv here: run 'bash scripts/run.sh test' once first" >&2; exit 2; }
 export PATH="$repo/.venv/bin:$PATH" HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true \
        TOKENIZERS_PARALLELISM=false GIT_PYTHON_REFRESH=quiet
-mirror=$(python -c "import os, sys, yaml; m = yaml.safe_load(open(sys.argv[1]))['data']['mirror_dir']
+mirror=$(python -c "import os, sys; from retrikt.io import load_yaml; m = load_yaml(open(sys.argv[1]).read())['data']['mirror_dir']
 print(os.path.abspath(os.path.join(sys.argv[2], m)) if m else '')" "$repo/params.yaml" "$repo")
 
 fresh_clone() {  # DIR: a new clone of this checkout's HEAD there (whatever was there is removed)
@@ -18,15 +18,16 @@ fresh_clone() {  # DIR: a new clone of this checkout's HEAD there (whatever was 
 write_params() {  # SRC DST key=value ...: SRC with the dotted keys set to the YAML values, written to DST
   python - "$@" <<'PY'
 import sys, yaml
+from retrikt.io import load_yaml  # YAML 1.2 floats: 3e-5 is a number, as in `dvc exp run -S`
 src, dst, *pairs = sys.argv[1:]
-p = yaml.safe_load(open(src))
+p = load_yaml(open(src).read())
 for kv in pairs:
     key, value = kv.split("=", 1)
     *parents, leaf = key.split(".")
     node = p
     for k in parents:
         node = node[k]
-    node[leaf] = yaml.safe_load(value)
+    node[leaf] = load_yaml(value)
 yaml.safe_dump(p, open(dst, "w"), sort_keys=False)
 PY
 }

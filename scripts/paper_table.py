@@ -25,9 +25,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from retrikt.io import atomic_write_json, atomic_write_text, read_json
+from retrikt.io import atomic_write_json, atomic_write_text, load_yaml, read_json
 from retrikt.methods import BASELINES, METHODS
 from retrikt.report.inputs import load_predictions
 from retrikt.report.stats import Comparison, pooled_bootstrap, sign_test
@@ -51,7 +50,7 @@ def _cpu() -> str:
 
 
 def collect(clone: Path, task: str, started: int, ended: int, root: Path) -> Path:
-    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params = load_yaml((clone / "params.yaml").read_text())
     if params.get("tasks") != [task]:
         sys.exit(f"paper_table: {clone}/params.yaml has tasks {params.get('tasks')}, expected [{task}]")
     results = clone / "reports/results.json"

@@ -18,7 +18,33 @@ from typing import Any, Iterable, Iterator
 from retrikt.errors import DataError, MissingInputError
 
 __all__ = ["DataError", "MissingInputError", "atomic_dir", "atomic_write_bytes", "atomic_write_json",
-           "atomic_write_text", "read_json", "read_jsonl", "read_jsonl_numbered", "write_jsonl"]
+           "atomic_write_text", "load_yaml", "read_json", "read_jsonl", "read_jsonl_numbered", "write_jsonl"]
+
+
+_YAML_LOADER = None
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that also reads YAML 1.2 floats without a dot (``3e-05``, ``1e3``) as floats.
+
+    PyYAML implements YAML 1.1, where a float needs a dot (``3.0e-05``); ``3e-05`` is a string there.
+    DVC (ruamel, YAML 1.2) writes ``dvc exp run -S teacher.lr=3e-5`` into params.yaml as ``3e-05``, so
+    without this every such override would stop the stage with "expected a number". Raises
+    ``yaml.YAMLError`` like ``safe_load``.
+    """
+    global _YAML_LOADER
+    import re
+
+    import yaml
+
+    if _YAML_LOADER is None:
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+            r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+        _YAML_LOADER = Loader
+    return yaml.load(text, Loader=_YAML_LOADER)
 
 
 def _clear_stale(path: Path) -> None:

@@ -417,11 +417,13 @@ def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
     """Read and validate params.yaml. Raises ParamsError (one line) on any problem."""
     import yaml
 
+    from retrikt.io import load_yaml
+
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: not found (run from the repository root)")
     try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        raw = load_yaml(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ParamsError(f"{path}: not UTF-8 (byte {e.start}: {e.reason})") from None
     except IsADirectoryError:

@@ -275,9 +275,9 @@ class StageRun:
                                       "stage": "pipeline"})
         # the whole params.yaml (the key pins it), so the runs table compares pipelines' params too
         try:
-            import yaml
+            from retrikt.io import load_yaml
 
-            raw = yaml.safe_load(PARAMS_FILE.read_text(encoding="utf-8")) or {}
+            raw = load_yaml(PARAMS_FILE.read_text(encoding="utf-8")) or {}
         except (OSError, ValueError):
             raw = {}
         flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(raw).items()}
