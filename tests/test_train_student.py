@@ -7,6 +7,7 @@ teacher is a tiny 4-layer classifier trained on it first; students are its first
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from pathlib import Path
@@ -261,6 +262,24 @@ def test_same_seed_same_metrics(repo, method):
     a, b = run_student(repo, method, seed=3), run_student(repo, method, seed=3)
     drop = lambda m: {k: v for k, v in m.items() if k not in TIMING_KEYS}  # noqa: E731
     assert drop(a) == drop(b)
+
+
+def test_bf16_trained_retrieval_student_saves_a_float32_index(repo):
+    """Trained under bf16 autocast, the last epoch's index holds bf16-rounded embeddings; serving
+    (`retrikt predict`, load_student) embeds queries in float32, so the saved index must be the
+    float32 embedding of every entry by the saved student, and the reported metric must be its."""
+    params = dataclasses.replace(repo, student=dataclasses.replace(repo.student, dtype="bfloat16", store_epochs=1))
+    m = run_student(params, "retrikt", seed=5)
+    s = load_student(paths.student(TASK, "retrikt", 2, 5))
+    entries = read_jsonl(paths.store_entries(TASK))
+    saved = s.index.reconstruct_n(0, s.index.ntotal)
+    fp32 = s.clf.embed(entries)
+    np.testing.assert_allclose(saved, fp32, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert np.abs(s.clf.embed(entries) - fp32).max() > 1e-5  # bf16 would have shown (10x the tolerance)
+    val = read_jsonl(paths.split_file(TASK, "validation"))
+    pred = s.proba(val)[0].argmax(1).tolist()
+    assert get_task(TASK).compute_metrics([r["label"] for r in val], pred)["accuracy"] == m["accuracy"]
 
 
 def test_stale_index_is_refused(repo, tmp_path):

@@ -79,11 +79,16 @@ def train_student(params: Params, task_name: str, run, *, method: str, layers: i
     del teacher  # the objectives hold what they need
     setup_seconds = time.perf_counter() - t0
     epochs = sp.store_epochs if spec.needs_store else sp.epochs  # the store is ~10x the train rows
+    dtype = resolve_dtype(sp.dtype, device)
     fit(objective, student, validation, epochs=epochs, lr=sp.lr, batch_size=sp.batch_size, seed=seed,
         weight_decay=params.student.weight_decay, warmup_ratio=params.student.warmup_ratio,
         on_epoch=lambda row: run.add_plot_row("student_curve", row, step_key="epoch"),
-        desc=f"{method}-L{layers}-s{seed} {task.name}", dtype=resolve_dtype(sp.dtype, device))
+        desc=f"{method}-L{layers}-s{seed} {task.name}", dtype=dtype)
     objective.release()
+    if retrieval is not None and dtype != "float32":
+        # the last epoch's index was embedded under autocast; serving embeds queries in float32, so the
+        # saved index (and the reported metric) must be the float32 embeddings of the final student
+        retrieval.build_index()
     train_seconds = time.perf_counter() - t0
 
     folder = paths.student(task.name, method, layers, seed)
@@ -93,7 +98,7 @@ def train_student(params: Params, task_name: str, run, *, method: str, layers: i
     with atomic_dir(folder) as tmp:
         student.save(tmp, extra=extra)
         if retrieval is not None:
-            index = retrieval.index  # built from the final student by the last epoch's validation
+            index = retrieval.index  # the final student's, in float32 (the last epoch's, or rebuilt above)
             meta = {"task": task.name, "embedded_by": "student", "method": method}
             store.save_index(tmp / paths.STORE_SUBDIR, index, [e["id"] for e in entries], meta)
             shutil.copyfile(paths.store_entries(task.name), tmp / paths.STORE_SUBDIR / paths.ENTRIES_FILE)
