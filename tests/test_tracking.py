@@ -48,6 +48,24 @@ def test_stage_run_writes_dvc_files_and_mlflow(store, tmp_path):
     assert client.get_run(run2.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
 
 
+def test_pipeline_run_is_keyed_and_logged_by_the_stages_params_file(store, tmp_path, monkeypatch):
+    """`retrikt STAGE --params other.yaml`: the pipeline run is that file's, not ./params.yaml's."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 0\nteacher:\n  lr: 1.0e-4\n")
+    other = tmp_path / "other.yaml"
+    other.write_text("seed: 7\nteacher:\n  lr: 3e-05\n")
+    runs = {}
+    for name, f in (("default", tmp_path / "params.yaml"), ("other", other), ("other-again", other)):
+        with StageRun("teacher", metrics_path=None, task="cb", params_file=f) as run:
+            pass
+        runs[name] = MlflowClient(store).get_run(run.run_id).data.tags["mlflow.parentRunId"]
+    assert runs["other"] == runs["other-again"] != runs["default"]
+    parent = MlflowClient(store).get_run(runs["other"])
+    assert parent.data.params["seed"] == "7" and parent.data.params["teacher.lr"] == "3e-05"
+
+
 def test_unreachable_server_stops_the_stage_before_it_runs(tmp_path, monkeypatch):
     from retrikt.errors import TrackingError
 

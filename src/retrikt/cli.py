@@ -87,7 +87,7 @@ def _stage(stage: str, fn: Callable, params_path: Path, task: str | None = None,
         from retrikt.device import execution_info
 
         with StageRun(stage, metrics_path=mpath, task=task, seed=logged["seed"], params=logged, plots=plots,
-                      tags=tags, execution=execution_info(device)) as run:
+                      tags=tags, execution=execution_info(device), params_file=params_path) as run:
             args = (params, task) if task is not None else (params,)
             return fn(*args, run=run, **kwargs)
 

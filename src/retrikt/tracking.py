@@ -178,8 +178,10 @@ class StageRun:
 
     def __init__(self, stage: str, *, metrics_path: str | os.PathLike | None, task: str | None = None,
                  seed: int | None = None, params: dict | None = None, plots: dict[str, str | os.PathLike] | None = None,
-                 tags: dict[str, str] | None = None, execution: dict[str, str] | None = None):
+                 tags: dict[str, str] | None = None, execution: dict[str, str] | None = None,
+                 params_file: str | os.PathLike = PARAMS_FILE):
         self.stage, self.task, self.seed = stage, task, seed
+        self.params_file = Path(params_file)  # the stage's --params: keys the pipeline run, logged on it
         self.execution = dict(execution or {})  # device, threads, torch: recorded in timings and tags
         self.metrics_path = Path(metrics_path) if metrics_path else None
         self.params = params or {}
@@ -265,7 +267,7 @@ class StageRun:
             self._disable(e)
 
     def _parent_run(self, client, exp_id: str) -> str:
-        key = pipeline_key()
+        key = pipeline_key(self.params_file)
         found = client.search_runs([exp_id], filter_string=f"tags.pipeline_key = '{key}'", max_results=1)
         if found:
             return found[0].info.run_id
@@ -277,7 +279,7 @@ class StageRun:
         try:
             from retrikt.io import load_yaml
 
-            raw = load_yaml(PARAMS_FILE.read_text(encoding="utf-8")) or {}
+            raw = load_yaml(self.params_file.read_text(encoding="utf-8")) or {}
         except (OSError, ValueError):
             raw = {}
         flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(raw).items()}
