@@ -40,6 +40,28 @@ def test_alignment_by_hand(tiny_encoder_dir, tiny_char_mpnet_dir):
     assert not same_tokenization(student, teacher, [ROW])
 
 
+def test_decoder_tokenizer_pairs_get_a_separator_and_still_align(tiny_encoder_dir, tiny_causal_dir):
+    """A decoder's tokenizer (BPE, no pair template) would run the two texts together ("the cata dog");
+    its classifier puts PAIR_SEPARATOR before the second text, and alignment shifts its offsets back."""
+    student = Classifier.from_base(tiny_encoder_dir, CB, 32, num_layers=2)
+    teacher = Classifier.from_base(tiny_causal_dir, CB, 32)
+    assert (student.pair_prefix, teacher.pair_prefix) == ("", "\n")
+    a, b = CB.render(ROW)
+    assert teacher.tokenizer.decode(teacher.tokenizer(a, b)["input_ids"]) == "the cata dog ."  # the defect
+    ids = teacher.encode([ROW])["input_ids"][0].tolist()
+    assert teacher.tokenizer.decode(ids) == "the cat\na dog ."
+    t = teacher.tokenizer.convert_ids_to_tokens(ids)
+    sep = t.index("Ċ")  # byte-level "\n"
+    s = tokens(student)
+    assert s == ["[CLS]", "the", "cat", "[SEP]", "a", "dog", ".", "[SEP]"]
+    m = align.alignment(student, teacher, ROW)
+    assert m[:, sep].sum() == 0  # the separator matches no student token
+    for i in (1, 2, 4, 5, 6):  # every word: the teacher tokens spelling it, in the same text
+        cols = m[i].nonzero().flatten().tolist()
+        assert cols and "".join(t[j] for j in cols).replace("Ġ", "") == s[i]
+        assert all((j < sep) == (i < 3) for j in cols)
+
+
 def test_pool_and_split_by_hand():
     a = torch.tensor([[1., 0., 0.], [0., 1., 1.], [0., 0., 1.], [0., 0., 0.]])  # teacher token 2 spans students 1, 2
     h = torch.tensor([[1., 2.], [3., 4.], [5., 8.]])

@@ -37,6 +37,7 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 POOLINGS = ("cls", "mean")
+PAIR_SEPARATOR = "\n"  # put before a pair's second text where the tokenizer's pair template separates nothing
 DTYPES = ("float32", "bfloat16")  # training compute dtypes of :func:`fit`
 
 
@@ -129,6 +130,10 @@ class Classifier:
                              "(Classifier.from_base / Classifier.load set both)")
         self.model, self.tokenizer, self.task, self.max_length = model, tokenizer, task, max_length
         self.pooling = pooling
+        # decoder tokenizers (SmolLM2, GPT-2) encode a pair as the two texts run together ("sat.A dog"):
+        # their template adds no token between the segments. BERT: [SEP]; MPNet/RoBERTa: </s></s>.
+        self.pair_prefix = PAIR_SEPARATOR if tokenizer.num_special_tokens_to_add(pair=True) <= \
+            tokenizer.num_special_tokens_to_add(pair=False) else ""
         set_pooling(model, pooling)
 
     # -- construction ------------------------------------------------------------------------- #
@@ -174,13 +179,21 @@ class Classifier:
         return Path(folder)
 
     # -- encoding and inference ---------------------------------------------------------------- #
+    def texts(self, example: dict) -> tuple[str] | tuple[str, str]:
+        """The text(s) this classifier's tokenizer is given for ``example``: the task's rendering, the
+        second text of a pair prefixed with :data:`PAIR_SEPARATOR` (``self.pair_prefix``) where the
+        tokenizer would otherwise run the two together. Its character offsets are shifted by that."""
+        a, b = self.task.render(example)
+        return (a,) if b is None else (a, self.pair_prefix + b)
+
     def encode(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         """Tokenised examples, on the model's device."""
-        pairs = [self.task.render(ex) for ex in examples]
-        a = [p[0] for p in pairs]
-        b = [p[1] for p in pairs]
+        texts = [self.texts(ex) for ex in examples]
         kw = dict(padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        enc = self.tokenizer(a, b, **kw) if all(x is not None for x in b) else self.tokenizer(a, **kw)
+        if all(len(t) == 2 for t in texts):
+            enc = self.tokenizer([t[0] for t in texts], [t[1] for t in texts], **kw)
+        else:
+            enc = self.tokenizer([t[0] for t in texts], **kw)
         return to_device(enc, self.model.device)
 
     def forward(self, examples: Sequence[dict], hidden: bool = False):

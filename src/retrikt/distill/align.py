@@ -33,14 +33,16 @@ def _tokens(clf, row: dict) -> list[tuple[int | None, int, int, int]]:
     tok = clf.tokenizer
     if not getattr(tok, "is_fast", False):
         raise ValueError(f"{type(tok).__name__}: token alignment needs a fast tokenizer (offset mappings)")
-    a, b = clf.task.render(row)
-    texts = (a,) if b is None else (a, b)
+    texts = clf.texts(row)
     enc = tok(*texts, truncation=True, max_length=clf.max_length, return_offsets_mapping=True)
     seq = enc.sequence_ids()
+    shift = len(clf.pair_prefix)  # offsets into the rendered second text, as every tokenizer sees it
     out, seen = [], set()
     for sid, (start, end) in zip(seq, enc["offset_mapping"]):
         if sid is not None:
             seen.add(sid)
+        if sid == 1:
+            start, end = start - shift, end - shift  # the separator itself ends at 0: it overlaps nothing
         out.append((sid, len(seen) if sid is None else sid, start, end))
     return out
 

@@ -93,9 +93,9 @@ def same_tokenization(a: Classifier, b: Classifier, rows: Sequence[dict]) -> boo
     teacher and student token by token directly; else through :mod:`retrikt.distill.align`)."""
     if a.tokenizer.get_vocab() != b.tokenizer.get_vocab():
         return False
-    pairs = [a.task.render(r) for r in rows]
     kw = dict(truncation=True, max_length=a.max_length)
-    return all(a.tokenizer(*p, **kw)["input_ids"] == b.tokenizer(*p, **kw)["input_ids"] for p in pairs)
+    return all(a.tokenizer(*a.texts(r), **kw)["input_ids"] == b.tokenizer(*b.texts(r), **kw)["input_ids"]
+               for r in rows)
 
 
 def scatter_tokens(parts: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
