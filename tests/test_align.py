@@ -124,3 +124,27 @@ def test_mgskd_and_adkd_train_with_a_teacher_that_tokenizes_otherwise(tiny_encod
     loss.backward()
     objective.release()
     assert torch.isfinite(loss) and loss > 0
+
+
+def test_mgskd_and_adkd_train_with_a_decoder_teacher(tiny_encoder_dir, tiny_causal_dir):
+    """The generator as the teacher (`teacher.model: generator`): a Llama-like classifier (last-token
+    head, byte-level BPE, the pair separator) drives both token-level objectives through the maps."""
+    from .test_train_student import keyword_rows
+
+    params = load_params(REPO / "params.yaml")
+    torch.manual_seed(0)
+    student = Classifier.from_base(tiny_encoder_dir, CB, 32, num_layers=2)
+    teacher = Classifier.from_base(tiny_causal_dir, CB, 64)
+    teacher.model.requires_grad_(False).eval()
+    rows = keyword_rows(6, random.Random(1))
+    maps, unmatched, total = align.token_maps(student, teacher, rows)
+    # every student word piece has a teacher token; [CLS] [SEP] [SEP] have none (the teacher adds no specials)
+    assert (unmatched, total) == (3 * len(rows), sum(m.shape[0] for m in maps))
+    for name in ("mgskd", "adkd"):
+        objective = {"mgskd": mgskd, "adkd": adkd}[name](student, teacher, rows, None, params)
+        student.model.zero_grad()
+        loss = objective.loss([0, 2, 5])
+        loss.backward()
+        objective.release()
+        grads = [p.grad for p in student.model.parameters() if p.grad is not None]
+        assert torch.isfinite(loss) and loss > 0 and grads and all(torch.isfinite(g).all() for g in grads), name

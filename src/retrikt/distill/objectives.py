@@ -164,7 +164,12 @@ def mgskd(student: Classifier, teacher: Classifier, train: list[dict], entries: 
 
 
 def _embeddings_module(clf: Classifier) -> torch.nn.Module:
-    return getattr(clf.model, clf.model.base_model_prefix).embeddings
+    """The module whose output is ``hidden_states[0]``, the ``E`` attributions are taken against: an
+    encoder's ``embeddings`` (tokens + positions + LayerNorm); a decoder's token embedding (Llama:
+    ``embed_tokens``; its positions are rotary, inside attention)."""
+    base = getattr(clf.model, clf.model.base_model_prefix)
+    module = getattr(base, "embeddings", None)
+    return clf.model.get_input_embeddings() if module is None else module
 
 
 def adkd(student: Classifier, teacher: Classifier, train: list[dict], entries: None,
