@@ -60,7 +60,8 @@ def _rows(task_name: str) -> tuple[list[dict], list[dict], list[dict]]:
 
 def _project(root: Path, task_name: str, generator: Path, encoder: Path, source: str = "llm") -> Path:
     """dvc.yaml, src/ and params.yaml of this repository; params: `tasks` and scale only (and for
-    ``source="oracle"``: ``generate.source`` and a ``data.train_limit`` that leaves spare train rows)."""
+    ``source="oracle"``: ``generate.source`` and a ``data.train_limit`` that leaves spare train rows;
+    for ``"generator-teacher"``: the generator as the teacher, reward model and KD teacher)."""
     train, validation, _ = _rows(task_name)
     mirror = root / "mirror" / get_task(task_name).mirror_dir
     mirror.mkdir(parents=True)
@@ -86,6 +87,8 @@ def _project(root: Path, task_name: str, generator: Path, encoder: Path, source:
     if source == "oracle":
         p["data"]["train_limit"] = 6  # of 12: the other 6 are the oracle store
         p["generate"]["source"] = "oracle"
+    if source == "generator-teacher":  # README "Choosing the teacher": SmolLM2 as a sequence classifier
+        p["teacher"].update(model="generator", pooling="cls")
     (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     return proj
 
@@ -107,7 +110,8 @@ def _split_env(cmd: str) -> tuple[dict[str, str], list[str]]:
     return dict(w.split("=", 1) for w in words[:n]), words[n:]
 
 
-@pytest.mark.parametrize(("task_name", "source"), [(t, "llm") for t in sorted(TASKS)] + [("rte", "oracle")])
+@pytest.mark.parametrize(("task_name", "source"), [(t, "llm") for t in sorted(TASKS)] + [("rte", "oracle"),
+                                                                                ("cb", "generator-teacher")])
 def test_task_runs_through_the_whole_dag(task_name, source, tmp_path, tiny_causal_dir, tiny_encoder_dir,
                                          monkeypatch):
     from typer.testing import CliRunner
@@ -144,6 +148,8 @@ def test_task_runs_through_the_whole_dag(task_name, source, tmp_path, tiny_causa
         assert method in report, method
     store = read_json(Path(f"reports/metrics/{task_name}/generate.json"))
     assert store["size"] >= 2
+    if source == "generator-teacher":
+        assert read_json(Path(f"models/{task_name}/teacher/retrikt_classifier.json"))["base"] == "generator"
     if source == "oracle":  # the store is the spare train rows, none of them in the training subset
         assert store["prompt"] == "oracle" and store["samples"] == 6
         from retrikt import paths
