@@ -15,7 +15,7 @@ and FAISS run at ``--threads`` (default 2).
 the classifier inputs of each registry task, rendered as the classifier sees them, plus each distinct
 sentence of every text field, STS-B included) — about 125k distinct texts — embedded by
 ``models/base/encoder`` (mean-pooled last layer, L2-normalised: ``retrikt.classifier.mean_pool``, the
-index stage's pooling). Cached under ``.cache/bench_retrieval/`` in 8,192-row parts keyed by the
+index stage's pooling). Cached under ``.cache/bench_retrieval/`` in 4,096-row parts keyed by the
 encoder's and the mirror's sha256, so a rerun embeds nothing and an interrupted one resumes. A seeded
 shuffle fixes the order: the first ``--queries`` texts are held-out queries (never in the store), the
 rest fill the store in that order. Beyond the real texts, synthetic points are perturbations of real
@@ -38,7 +38,8 @@ built here on ``--threads`` threads; the pipeline's ``store.build_index`` builds
 reproducible graph) — at the default store sizes that is milliseconds.
 
     python benchmarks/bench_retrieval.py                 # every size and kind (~10 min warm)
-    python benchmarks/bench_retrieval.py --quick         # 1k/10k/100k, flat/ivf/hnsw (< 2 min warm)
+    python benchmarks/bench_retrieval.py --quick         # 10k/100k, flat/ivf/hnsw, the first 4,096 real
+                                                         # texts + synthetic, fewer A/B calls (~2 min cold)
     python benchmarks/bench_retrieval.py --sizes 1000000 --kinds ivf_sq8 hnsw --out /tmp/r.json --plot /tmp/r.png
 """
 
@@ -58,7 +59,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "bench_retrieval"
-PART = 8192  # rows per cached embedding part
+PART = 4096  # rows per cached embedding part (--quick embeds one)
 K = 16  # retrieved entries (student.retrieval_top_k)
 TAU = 0.1  # student.retrieval_tau
 KINDS = ("flat", "ivf", "ivf_sq8", "ivf_pq_rf", "hnsw", "hnsw_sq8")
@@ -100,7 +101,7 @@ def _fingerprint(encoder: Path, mirror: Path, items: list) -> str:
     manifest = mirror / "MANIFEST.json"
     if manifest.exists():
         h.update(manifest.read_bytes())
-    h.update(b"mean-pool-l2/max_length=128")
+    h.update(f"mean-pool-l2/max_length=128/part={PART}".encode())
     return h.hexdigest()[:16]
 
 
@@ -355,12 +356,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 # --------------------------------------------------------------------------------------- main --- #
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1k/10k/100k, flat/ivf/hnsw, fewer calls (< 2 min warm)")
+    ap.add_argument("--quick", action="store_true",
+                    help="10k/100k, flat/ivf/hnsw, 4,096 real texts, fewer calls (~2 min, cold or warm)")
     ap.add_argument("--sizes", type=int, nargs="+", default=None)
     ap.add_argument("--kinds", nargs="+", choices=KINDS, default=None)
     ap.add_argument("--threads", type=int, default=2, help="torch and FAISS threads (default 2)")
     ap.add_argument("--queries", type=int, default=None, help="held-out query texts (default 500; quick 200)")
     ap.add_argument("--reps", type=int, default=None, help="A/B rounds over the batch-1 inputs (default 4; quick 2)")
+    ap.add_argument("--real", type=int, default=None,
+                    help="real texts to embed, queries included (default: every mirror text; quick 4096); "
+                         "the store beyond them is synthetic")
     ap.add_argument("--target-recall", type=float, default=0.95)
     ap.add_argument("--nlist", type=int, default=None, help="IVF lists (default ≈ √N, a power of 2)")
     ap.add_argument("--hnsw-m", type=int, default=32)
@@ -375,10 +380,13 @@ def parse_args(argv=None):
     ap.add_argument("--markdown", type=Path, default=None, help="the table as Markdown")
     ap.add_argument("--plot", type=Path, default=None, help="PNG: latency vs store size per index kind")
     args = ap.parse_args(argv)
-    args.sizes = args.sizes or ([1_000, 10_000, 100_000] if args.quick else list(SIZES))
+    args.sizes = args.sizes or ([10_000, 100_000] if args.quick else list(SIZES))
     args.kinds = args.kinds or (["flat", "ivf", "hnsw"] if args.quick else list(KINDS))
     args.queries = args.queries or (200 if args.quick else 500)
     args.reps = args.reps or (2 if args.quick else 4)
+    args.real = args.real or (PART if args.quick else None)
+    if args.real is not None and args.real <= args.queries:
+        ap.error(f"--real {args.real} leaves no store row after {args.queries} held-out queries")
     return args
 
 
@@ -408,7 +416,7 @@ def main(argv=None) -> None:
 
     items = mirror_items(args.mirror)
     order = np.random.default_rng(0).permutation(len(items))
-    n_real = min(len(items), args.queries + max(args.sizes))
+    n_real = min(len(items), args.queries + max(args.sizes), args.real or len(items))
     folder = CACHE / _fingerprint(args.encoder, args.mirror, items)
     emb = embed_parts(items, order, n_real, args.encoder, folder)
     queries, pool = emb[:args.queries], emb[args.queries:]
@@ -436,8 +444,8 @@ def main(argv=None) -> None:
     student = Classifier.from_base(args.encoder, task, 128, num_layers=2)
     student.model.eval()
     cb = read_jsonl(args.mirror / "cb" / "validation.jsonl") + read_jsonl(args.mirror / "cb" / "train.jsonl")
-    b1 = [[r] for r in cb[:64]]
-    b32 = [cb[i:i + 32] for i in range(0, 32 * 6, 32)]
+    b1 = [[r] for r in cb[:32 if args.quick else 64]]
+    b32 = [cb[i:i + 32] for i in range(0, 32 * (3 if args.quick else 6), 32)]
     rng = np.random.default_rng(0)
 
     rows = []
@@ -480,7 +488,7 @@ def main(argv=None) -> None:
             print(json.dumps({k: v for k, v in row.items() if k != "sweep"} | {"sweep": sweep[-3:]}), flush=True)
             del index
     meta = {"threads": args.threads, "cpu": _cpu(), "torch": torch.__version__, "faiss": faiss.__version__,
-            "mirror_texts": len(items), "queries": args.queries, "median_nn_cos": nn_cos,
+            "mirror_texts": len(items), "real_texts": n_real, "queries": args.queries, "median_nn_cos": nn_cos,
             "synthetic_median_nn_cos": synth_cos, "seconds": time.perf_counter() - t_start}
     report(rows, meta, args)
 

@@ -7,7 +7,8 @@ encoder if the teacher is not trained yet), and — TIMING ONLY — a stand-in s
 long), soft-labelled by the teacher. The pipeline never does this: its store comes from the
 generate stage. Then runs the index stage and one student per method × layers.
 
-    python benchmarks/bench_students.py --quick    # < 2 min: finetune + retrikt, L2, 1 epoch, fp32 vs bf16
+    python benchmarks/bench_students.py --quick    # < 2 min: finetune + retrikt, L2, fp32 vs bf16, 1 epoch
+                                                   # over 64 train rows and a 64-entry store (4 batches)
     python benchmarks/bench_students.py --epochs 1 --layers 2 4 --out /tmp/bench_students.json
     python benchmarks/bench_students.py --dtypes float32 bfloat16 --seeds 0 1 2 --epochs 3 --layers 2 \
         --teacher models/cb/teacher          # fp32/bf16 seconds per epoch and accuracy, per method
@@ -35,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_repo(root: Path, store_size: int, teacher: Path | None = None) -> None:
+def build_repo(root: Path, store_size: int, teacher: Path | None = None, train_rows: int | None = None) -> None:
     import numpy as np
 
     from retrikt import paths
@@ -43,7 +44,8 @@ def build_repo(root: Path, store_size: int, teacher: Path | None = None) -> None
     from retrikt.io import read_jsonl, write_jsonl
 
     for split in ("train", "validation"):
-        write_jsonl(paths.split_file("cb", split), read_jsonl(REPO / paths.split_file("cb", split)))
+        rows = read_jsonl(REPO / paths.split_file("cb", split))
+        write_jsonl(paths.split_file("cb", split), rows[:train_rows] if split == "train" else rows)
     paths.base_model("encoder").parent.mkdir(parents=True, exist_ok=True)
     os.symlink(REPO / paths.base_model("encoder"), paths.base_model("encoder"))
     real_teacher = teacher or REPO / paths.teacher("cb")
@@ -65,11 +67,14 @@ def build_repo(root: Path, store_size: int, teacher: Path | None = None) -> None
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
-                    help="finetune and retrikt, L2, 1 epoch, float32 vs bfloat16, 2 threads (< 2 min)")
+                    help="finetune and retrikt, L2, 1 epoch of 64 train rows and a 64-entry store, float32 vs "
+                         "bfloat16, 2 threads (< 2 min, also where bf16 is emulated)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--layers", type=int, nargs="+", default=None, help="default 2 4 (quick: 2)")
     ap.add_argument("--methods", nargs="+", default=None)
-    ap.add_argument("--store", type=int, default=150)
+    ap.add_argument("--store", type=int, default=None, help="stand-in store entries (default 150; quick 64)")
+    ap.add_argument("--train-rows", type=int, default=None,
+                    help="the first N CB train rows (default all 250; quick 64)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16"],
                     help="student.dtype values to compare (default: params.yaml's)")
@@ -82,6 +87,9 @@ def main() -> None:
         args.methods = args.methods or ["finetune", "retrikt"]
         args.dtypes = args.dtypes or ["float32", "bfloat16"]
         args.threads = args.threads or 2
+        args.train_rows = args.train_rows or 64
+        args.store = args.store or 64
+    args.store = args.store or 150
     args.layers = args.layers or ([2] if args.quick else [2, 4])
     if args.threads:
         import torch
@@ -109,7 +117,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-students-") as tmp:
         os.chdir(tmp)
-        build_repo(Path(tmp), args.store, teacher)
+        build_repo(Path(tmp), args.store, teacher, args.train_rows)
         with StageRun("index", metrics_path=None, task="cb") as run:
             print("index:", json.dumps(index_stage(params, "cb", run)), flush=True)
         for layers, method, seed, dtype in ((lay, meth, sd, dt) for lay in args.layers
