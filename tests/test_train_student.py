@@ -217,6 +217,27 @@ def test_retrieval_queries_and_candidate_side(repo, queries, grad):
     assert run_student(params, "retrikt", seed=11)["accuracy"] > 0.6
 
 
+def test_two_entry_store_with_store_queries_trains_on_the_train_rows(repo):
+    """train+store queries need >= 3 entries (an entry is never its own candidate); with 2 the entries
+    are not queries (was: 'needs at least 2 candidate store entries per query, got 1')."""
+    from retrikt.distill.objectives import Retrieval
+
+    params = dataclasses.replace(repo, student=dataclasses.replace(repo.student, retrieval_queries="train+store",
+                                                                    retrieval_candidates=2, retrieval_top_k=2))
+    task = get_task(TASK)
+    train, entries = read_jsonl(paths.split_file(TASK, "train")), store.load_entries(TASK)
+    student = Classifier.from_base(paths.base_model("encoder"), task, 32, num_layers=2)
+    teacher = Classifier.load(paths.teacher(TASK))
+    with pytest.MonkeyPatch.context() as mp:
+        from retrikt.distill import objectives
+
+        mp.setattr(objectives, "_reward_model_entry_embeddings", lambda _task, n: teacher.embed(entries[:n]))
+        r = Retrieval(student, teacher, train, entries[:2], params)
+        assert len(r.queries) == len(train) and r.candidates.shape == (len(train), 2)
+        assert torch.isfinite(r.loss([0, 1, 2]))
+        assert len(Retrieval(student, teacher, train, entries[:3], params).queries) == len(train) + 3
+
+
 def test_retrieval_negatives_are_random_entries_masked_where_they_clash(repo):
     """Each step adds R uniform store entries to a query's top-K; one that is already a candidate, the
     query itself or an identical entry is masked out of both distributions; the draws are seeded."""

@@ -305,7 +305,12 @@ class Retrieval:
         exclude = _identical_entries(student.task, train, entries)
         self.queries, t_queries = list(train), teacher.embed(train)
         self.gold = [r["label"] for r in train]  # the store entries have no gold label (CE term: train rows only)
-        if sp.retrieval_queries == "train+store":
+        if sp.retrieval_queries == "train+store" and len(entries) < 3:
+            # an entry is never its own candidate: with 2 entries each entry query would have 1 (a KL over
+            # one candidate is 0), and teacher_candidates would refuse the whole store
+            log.warning("retrieval_queries train+store: a store of %d entries leaves each entry query under 2 "
+                        "candidates; the train rows are the only queries", len(entries))
+        elif sp.retrieval_queries == "train+store":
             same = _identical_entries(student.task, entries, entries)
             exclude += [same[j] | {j} for j in range(len(entries))]
             self.queries += entries
