@@ -1,7 +1,7 @@
 # Shared by the experiment scripts (ablate_retrieval.sh, paper_table.sh, probe_teachers.sh): source it from
 # the checkout's root. It checks the .venv, puts it on PATH with the offline / no-telemetry environment, sets
 # `repo` and `mirror` (data.mirror_dir made absolute: a relative one is relative to this checkout, not to a
-# clone of it), and defines fresh_clone and write_params.
+# clone of it), and defines fresh_clone, enter_work_clone and write_params.
 repo=$PWD
 [ -x .venv/bin/retrikt ] || { echo "no .venv here: run 'bash scripts/run.sh test' once first" >&2; exit 2; }
 export PATH="$repo/.venv/bin:$PATH" HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true \
@@ -13,6 +13,17 @@ fresh_clone() {  # DIR: a new clone of this checkout's HEAD there (whatever was 
   rm -rf "$1"
   mkdir -p "$(dirname "$1")"
   git clone -q "$repo" "$1"
+}
+
+enter_work_clone() {  # OUT_DIR: out=OUT_DIR (absolute), a fresh clone in work=$out/work, entered, with the
+  # stage commands importing its src/ (MLflow off) and its params.yaml kept as params.base.yaml
+  mkdir -p "$1"
+  out=$(cd "$1" && pwd)
+  work="$out/work"
+  fresh_clone "$work"
+  export PYTHONPATH="$work/src" RETRIKT_MLFLOW=0
+  cd "$work"
+  cp params.yaml params.base.yaml
 }
 
 write_params() {  # SRC DST key=value ...: SRC with the dotted keys set to the YAML values, written to DST

@@ -15,13 +15,7 @@ out=${1:?$usage}; limit=${2:?$usage}; samples=${3:?$usage}
 shift 3
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 source scripts/experiment-lib.sh
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-work="$out/work"
-fresh_clone "$work"
-export PYTHONPATH="$work/src" RETRIKT_MLFLOW=0
-cd "$work"
-cp params.yaml params.base.yaml
+enter_work_clone "$out"
 for model in encoder generator; do
   retrikt resolve-model $model >"$out/setup.log" 2>&1 || { tail -5 "$out/setup.log" >&2; exit 1; }
 done

@@ -13,13 +13,7 @@ limit=${2:?usage: bash scripts/probe_teachers.sh OUT_DIR LIMIT TASK...}
 shift 2
 [ $# -gt 0 ] || { echo "usage: bash scripts/probe_teachers.sh OUT_DIR LIMIT TASK..." >&2; exit 2; }
 source scripts/experiment-lib.sh
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-work="$out/work"
-fresh_clone "$work"
-export PYTHONPATH="$work/src" RETRIKT_MLFLOW=0
-cd "$work"
-cp params.yaml params.base.yaml
+enter_work_clone "$out"
 retrikt resolve-model encoder >"$out/setup.log" 2>&1 || { tail -5 "$out/setup.log" >&2; exit 1; }
 printf "task\ttrain_limit\tmetric\tteacher\tmajority\tteacher_minus_majority\tseconds\n" > "$out/teachers.tsv"
 for task in "$@"; do
