@@ -1,4 +1,5 @@
-# Shared by the experiment scripts (ablate_retrieval.sh, paper_table.sh, probe_teachers.sh): source it from
+# Shared by the experiment scripts (ablate_retrieval.sh, paper_table.sh, probe_teachers.sh,
+# probe_generate.sh): source it from
 # the checkout's root. It checks the .venv, puts it on PATH with the offline / no-telemetry environment, sets
 # `repo` and `mirror` (data.mirror_dir made absolute: a relative one is relative to this checkout, not to a
 # clone of it), and defines fresh_clone, enter_work_clone and write_params.

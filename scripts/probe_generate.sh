@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Does a short generate parse on every task? (issue: the knowledge store on every task, README "Every task")
+# Does a short generate parse on every task? (issue: the knowledge store on every task; README "The store on every task")
 #   bash scripts/probe_generate.sh OUT_DIR LIMIT SAMPLES TASK...   (~3-6 min per task at 250 rows, 2 cores)
 # In a throw-away clone of this checkout (OUT_DIR/work) it runs, per task with tasks=[TASK],
 # data.train_limit=LIMIT and generate.num_samples=SAMPLES: prepare, teacher (1 epoch: it only soft-labels
 # the store here, and the parse rate does not depend on it), prompt_tune (the default budget), rl with
-# rl.enabled=false (generate samples from the step-1 prompt; RL would add ~8 min per task) and generate
+# rl.enabled=false (generate samples from the step-1 prompt; RL would add ~7 min per task) and generate
 # (every other param the default: max_new_tokens auto, T 0.8, forced field names). It writes one line per
 # task to OUT_DIR/generate.tsv and keeps each task's generate.json as OUT_DIR/TASK.json.
 # Uses this checkout's .venv (`bash scripts/run.sh test` or `repro` builds it).
@@ -16,8 +16,9 @@ shift 3
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 source scripts/experiment-lib.sh
 enter_work_clone "$out"
+: >"$out/setup.log"
 for model in encoder generator; do
-  retrikt resolve-model $model >"$out/setup.log" 2>&1 || { tail -5 "$out/setup.log" >&2; exit 1; }
+  retrikt resolve-model $model >>"$out/setup.log" 2>&1 || { tail -5 "$out/setup.log" >&2; exit 1; }
 done
 printf "task\ttrain_rows\tsamples\tparse_rate\tentries\ttruncated\tmax_new_tokens\teos_rate\tcut_at_last_line\tunfinished\tmissing_field\textra_text\tinvalid\tunlocated_span\tseconds\n" > "$out/generate.tsv"
 for task in "$@"; do
