@@ -173,6 +173,14 @@ def test_parse_tolerates_whitespace_and_case_but_not_extra_text():
                  "hypothesis: An animal moved.\npremise: A dog ran.",                         # out of order
                  "premise: A dog ran.\npremise: A dog ran.\nhypothesis: An animal moved."):  # repeated
         assert cb.read(text) == (None, "extra_text")
+    for text in ("premise: Premise: A dog ran.\nhypothesis: An animal moved.",               # its own name again
+                 "premise: A dog ran. hypothesis: A dog.\nhypothesis: An animal moved."):   # another field inline
+        assert cb.read(text) == (None, "extra_text")
+    # a field name without its colon, or with a space before it (SST-2 has "same sentence :"), is just a word
+    assert cb.read("premise: The premise was : odd.\nhypothesis: A hypothesis premise.")[1] == "ok"
+    wsc = get_task("wsc")  # the WSC probe's samples: the whole example written on the text line
+    assert wsc.read("text: text: Mark told *Pete* that [he] was late. span1_text: Pete span2_text: he\n"
+                    "span1_text: Pete\nspan2_text: he") == (None, "extra_text")
     assert cb.read("premise: A dog ran.") == (None, "missing_field")
     assert cb.read("premise: A dog ran.\nhypothesis:   ") == (None, "missing_field")
     copa = get_task("copa")

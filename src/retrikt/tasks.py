@@ -101,10 +101,13 @@ def _read_lines(text: str, names: Sequence[str], optional: Sequence[str] = ()) -
     The text (up to an EOS-like token such as ``</s>`` or ``<|endoftext|>``, if one was written out) must
     be exactly the wanted field lines, each once, in serialisation order (optional ones may be left
     out); names are case-insensitive and values whitespace-normalised. Any other line, a repeated or
-    out-of-order field, or text after the last field is ``"extra_text"``; a required field that is
-    missing or empty is ``"missing_field"``.
+    out-of-order field, text after the last field, or a value that carries a field name written as
+    ``name:`` inside it (``text: text: ...``, a span line run into the text line) is ``"extra_text"``; a
+    required field that is missing or empty is ``"missing_field"``. (No real row of a mirrored task has a
+    field name followed directly by a colon in a value; SST-2's three ``sentence :`` have a space.)
     """
     order = {n.lower(): i for i, n in enumerate(names)}
+    inline = re.compile(r"(?<![A-Za-z0-9_])(?:" + "|".join(map(re.escape, names)) + r"):", re.IGNORECASE)
     found: dict[str, str] = {}
     at = -1
     for line in _EOS.split(text, maxsplit=1)[0].splitlines():
@@ -113,6 +116,8 @@ def _read_lines(text: str, names: Sequence[str], optional: Sequence[str] = ()) -
         m = _FIELD_LINE.match(line)
         i = order.get(m.group(1).lower()) if m else None
         if i is None or i <= at:
+            return {}, "extra_text"
+        if inline.search(m.group(2)):
             return {}, "extra_text"
         at, found[names[i]] = i, normalise_ws(m.group(2))
     if any(not found.get(n) for n in names if n not in optional):
