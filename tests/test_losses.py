@@ -65,6 +65,19 @@ T_LOGITS = [[3.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
 T_PROBS = [[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]
 
 
+def test_end_weighted_nll_golden():
+    # labels: 5 = EOS, -100 = ignored (its nll is 0 by the cross-entropy's ignore_index)
+    nll = torch.tensor([0.5, 1.25, 2.0, 0.0, 0.75, 3.0])
+    labels = torch.tensor([7, 9, 5, -100, 8, 5])
+    # by hand: 0.5 + 1.25 + 4 * 2.0 + 0 + 0.75 + 4 * 3.0 = 22.5
+    assert math.isclose(float(losses.end_weighted_nll(nll, labels, 5, 4.0)), 22.5, **TOL)
+    assert math.isclose(float(losses.end_weighted_nll(nll, labels, 5, 1.0)), 7.5, **TOL)   # the plain sum
+    assert math.isclose(float(losses.end_weighted_nll(nll, labels, 6, 4.0)), 7.5, **TOL)   # no end token
+    w = torch.tensor([1.0, 2.0], requires_grad=True)                                           # gradient scales
+    losses.end_weighted_nll(w, torch.tensor([5, 1]), 5, 3.0).backward()
+    assert w.grad.tolist() == [3.0, 1.0]
+
+
 def test_kd_loss_golden_no_t_squared():
     expected = sum(soft_ce(s, t, 2.0) for s, t in zip(S, T_LOGITS)) / 2
     assert close(losses.kd_loss(torch.tensor(S), torch.tensor(T_LOGITS), 2.0), expected)

@@ -132,3 +132,31 @@ def test_prompt_tune_is_seeded(tiny_causal_dir, in_tmp_repo, monkeypatch):
         with stage_run("prompt_tune", monkeypatch) as run:
             runs.append(prompt_tune(params, "cb", run))
     assert runs[0] == runs[1]
+
+
+def _eos_nll(folder: Path) -> float:
+    """Mean NLL of the EOS that ends each validation example, under the prompt saved in ``folder``."""
+    from retrikt.llm import IGNORE, eos_id, target_token_nll, tokenize_for_training
+
+    model, tok = load_with_prompt(paths.base_model("generator"), folder)
+    batch = tokenize_for_training(tok, [source_text(CB, r["label"]) for r in VALIDATION],
+                                  [target_text(CB, r) for r in VALIDATION], 64, False)
+    with torch.no_grad():
+        token_loss, labels = target_token_nll(model.eval(), batch, False)
+    at_end = labels == eos_id(tok)
+    assert int(at_end.sum()) == len(VALIDATION) and bool((labels[at_end] != IGNORE).all())
+    return float(token_loss[at_end].mean())
+
+
+def test_prompt_tune_eos_weight_teaches_the_stop(tiny_causal_dir, in_tmp_repo, monkeypatch):
+    lay_out_repo(tiny_causal_dir)
+    ends, nlls = {}, {}
+    for weight in (1.0, 20.0):
+        params = make_params(prompt_tune={"num_virtual_tokens": 4, "lr": 0.3, "epochs": 3, "batch_size": 3,
+                                          "max_length": 64, "train_limit": None, "init": "text",
+                                          "dtype": "float32", "eos_weight": weight})
+        with stage_run("prompt_tune", monkeypatch) as run:
+            nlls[weight] = prompt_tune(params, "cb", run)
+        ends[weight] = _eos_nll(paths.prompt("cb"))
+    assert ends[20.0] < ends[1.0]  # the weighted stop token is learnt faster, the example itself still learnt:
+    assert all(m["val_nll"] < m["val_nll_before"] for m in nlls.values())

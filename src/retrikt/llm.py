@@ -79,7 +79,7 @@ def target_text(task: Task, ex: Mapping[str, Any]) -> str:
     return task.serialise(ex)
 
 
-def _eos_id(tok) -> int:
+def eos_id(tok) -> int:
     if tok.eos_token_id is None:
         raise ValueError("the generator's tokenizer has no EOS token; the generator cannot learn to stop")
     return int(tok.eos_token_id)
@@ -95,7 +95,7 @@ def tokenize_for_training(tok, sources: Sequence[str], targets: Sequence[str], m
     """
     if len(sources) != len(targets):
         raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
-    eos, pad = _eos_id(tok), tok.pad_token_id if tok.pad_token_id is not None else _eos_id(tok)
+    eos, pad = eos_id(tok), tok.pad_token_id if tok.pad_token_id is not None else eos_id(tok)
     src = tok(list(sources))["input_ids"]
     tgt = [t + [eos] for t in tok(list(targets), add_special_tokens=False)["input_ids"]]
     if seq2seq:
@@ -192,9 +192,9 @@ def _num_virtual(model) -> int:
     return int(model.active_peft_config.num_virtual_tokens) if isinstance(model, PeftModel) else 0
 
 
-def token_nll(model, batch: Mapping[str, torch.Tensor], seq2seq: bool) -> tuple[torch.Tensor, int]:
-    """(summed token NLL, number of target tokens) of a :func:`tokenize_for_training` batch, which is
-    moved to the model's device first."""
+def target_token_nll(model, batch: Mapping[str, torch.Tensor], seq2seq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(nll, labels)``, both flat over a :func:`tokenize_for_training` batch (moved to the model's device
+    first): each position's NLL of its label token, 0 where the label is IGNORE."""
     batch = to_device(batch, model.device)
     labels = batch["labels"]
     if seq2seq:
@@ -203,9 +203,16 @@ def token_nll(model, batch: Mapping[str, torch.Tensor], seq2seq: bool) -> tuple[
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits[:, _num_virtual(model):][:, :-1]  # position t predicts token t + 1
         labels = labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                             ignore_index=IGNORE, reduction="sum")
-    return loss, int((labels != IGNORE).sum())
+    flat = labels.reshape(-1)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat,
+                                             ignore_index=IGNORE, reduction="none")
+    return loss, flat
+
+
+def token_nll(model, batch: Mapping[str, torch.Tensor], seq2seq: bool) -> tuple[torch.Tensor, int]:
+    """(summed token NLL, number of target tokens) of a :func:`tokenize_for_training` batch."""
+    loss, labels = target_token_nll(model, batch, seq2seq)
+    return loss.sum(), int((labels != IGNORE).sum())
 
 
 @torch.no_grad()

@@ -120,6 +120,7 @@ class PromptTuneParams:
     max_length: int = _f(lo=16, hi=4096)
     train_limit: Optional[int] = _f(lo=1)
     dtype: Literal["auto", "float32", "bfloat16"]  # the frozen generator's compute dtype (the prompt stays float32)
+    eos_weight: float = _f(lo=0, lo_open=True)  # loss weight of each example's EOS token (1 = plain NLL)
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,18 @@ import torch
 from retrikt import paths
 from retrikt.classifier import batches
 from retrikt.device import resolve_device, resolve_dtype
+from retrikt.distill.losses import end_weighted_nll
 from retrikt.io import DataError, atomic_dir, atomic_write_json, read_jsonl
-from retrikt.llm import attach_prompt, nll, source_text, target_text, token_nll, tokenize_for_training
+from retrikt.llm import (
+    IGNORE,
+    attach_prompt,
+    eos_id,
+    nll,
+    source_text,
+    target_text,
+    target_token_nll,
+    tokenize_for_training,
+)
 from retrikt.models import count_parameters, is_seq2seq, load_generator, model_info
 from retrikt.params import Params
 from retrikt.progress import bar
@@ -71,6 +81,7 @@ def prompt_tune(params: Params, task_name: str, run) -> dict:
     log.info("prompt_tune: %d train rows, %d trainable parameters, val NLL before %.4f",
              len(train), n_trainable, before)
     gen = torch.Generator().manual_seed(params.seed)
+    eos = eos_id(tok)
     train_nll, after, start = train_before, before, time.time()
     steps = -(-len(train) // pp.batch_size)
     with bar(total=pp.epochs, desc=f"prompt_tune {task.name}", unit="epoch") as run_bar:
@@ -79,12 +90,14 @@ def prompt_tune(params: Params, task_name: str, run) -> dict:
             with bar(total=steps, desc=f"prompt_tune {task.name} epoch {epoch}/{pp.epochs}", unit="batch") as b:
                 for idx in batches(len(train), pp.batch_size, gen):
                     batch = tokenize_for_training(tok, *texts([train[i] for i in idx]), pp.max_length, seq2seq)
-                    loss_sum, n = token_nll(model, batch, seq2seq)
+                    token_loss, labels = target_token_nll(model, batch, seq2seq)
+                    n = int((labels != IGNORE).sum())
                     b.update(1)
                     if n == 0:  # every target cut off by max_length
                         continue
+                    loss_sum = token_loss.sum()
                     opt.zero_grad()
-                    (loss_sum / n).backward()
+                    (end_weighted_nll(token_loss, labels, eos, pp.eos_weight) / n).backward()
                     opt.step()
                     total, count = total + loss_sum.item(), count + n
                     b.set_postfix(train_nll=total / count)

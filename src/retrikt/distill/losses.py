@@ -7,6 +7,7 @@
   matched layers, sample-level triplet angles on the upper ones.
 * AD-KD (Wu et al., ACL 2023): token attributions ``‖∂(−log p_c)/∂E ⊙ E‖`` of the embedding
   output, L2-normalised over tokens and matched with a summed squared error.
+* Prompt tuning's generator NLL with the end-of-example token weighted (:func:`end_weighted_nll`).
 
 Nothing here imports ``transformers``; hidden states, embedding outputs and logits come in as
 tensors. Conventions: ``mask`` is ``[B, T]`` (1 = real token, 0 = padding); losses that combine
@@ -39,6 +40,17 @@ class LossOutput(NamedTuple):
 
     total: Tensor
     parts: dict[str, Tensor]
+
+
+# ---------------------------------------------------------------------- prompt tuning NLL --- #
+
+def end_weighted_nll(token_nll: Tensor, labels: Tensor, end_id: int, weight: float) -> Tensor:
+    """``Σ_t w_t · nll_t`` with ``w_t = weight`` where ``labels[t] == end_id`` (the EOS that ends an
+    example), else 1: the stop decision is one token of ~80 in a CB example, and a prompt that learns it
+    ends its samples. ``token_nll`` and ``labels`` are flat and aligned (``nll`` 0 on ignored labels)."""
+    if weight == 1.0:
+        return token_nll.sum()
+    return torch.where(labels == end_id, token_nll * weight, token_nll).sum()
 
 
 # ------------------------------------------------------------------------------ vanilla KD --- #
