@@ -3,8 +3,8 @@
 #   bash scripts/paper_table.sh TASK [TRAIN_LIMIT] [SEEDS]     (defaults: 250 and 0,1,2; ~1.5 h per task here)
 # In a throw-away clone of this checkout ($RETRIKT_TABLE_WORK, default /tmp/retrikt-table/TASK) it runs the
 # whole DAG once as one DVC experiment, every default but
-#   dvc exp run -S 'tasks=[TASK]' -S data.train_limit=TRAIN_LIMIT -S 'seeds=[SEEDS]'
-# (the store stages once, the 12 students per seed), then copies the task's reports into
+#   dvc exp run -S 'tasks=[TASK]' -S data.train_limit=TRAIN_LIMIT -S 'seeds=[SEEDS]' -S 'student.layers=[2,4]'
+# (the store stages once, the 12 students per seed; the default run trains L=2 only), then copies the task's reports into
 # reports/experiments/table/TASK/ and rebuilds reports/experiments/table/table.{md,json} over every task
 # collected so far (scripts/paper_table.py). Commit that folder after each task: a fresh machine has no
 # DVC cache or experiment refs. Uses this checkout's .venv (`bash scripts/run.sh test` or `repro` builds it).
@@ -18,14 +18,16 @@ work=${RETRIKT_TABLE_WORK:-/tmp/retrikt-table}/$task
 # validate the overrides before the clone and the hours of compute
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-write_params params.yaml "$tmp/params.yaml" "tasks=[$task]" "data.train_limit=$limit" "seeds=[$seeds]"
+write_params params.yaml "$tmp/params.yaml" "tasks=[$task]" "data.train_limit=$limit" "seeds=[$seeds]" \
+  "student.layers=[2,4]"
 (cd "$tmp" && PYTHONPATH="$repo/src" retrikt check-params --params params.yaml --out ok >/dev/null) \
   || { echo "paper_table: the overrides for $task do not validate (above)" >&2; exit 2; }
 
 fresh_clone "$work"
 cd "$work"
 start=$(date +%s)
-dvc exp run -S "tasks=[$task]" -S "data.train_limit=$limit" -S "seeds=[$seeds]" ${mirror:+-S "data.mirror_dir=$mirror"}
+dvc exp run -S "tasks=[$task]" -S "data.train_limit=$limit" -S "seeds=[$seeds]" -S "student.layers=[2,4]" \
+  ${mirror:+-S "data.mirror_dir=$mirror"}
 end=$(date +%s)
 cd "$repo"
 python scripts/paper_table.py collect "$work" "$task" --started "$start" --ended "$end"

@@ -79,7 +79,7 @@ def _params(seeds=(0, 1), student: dict | None = None, rl_enabled: bool = True):
     """params.yaml with 2 seeds (and optionally other student sizes/methods, RL off)."""
     raw = copy.deepcopy(RAW)
     raw["seeds"] = list(seeds)
-    raw["student"].update(student or {})
+    raw["student"].update({"layers": [2, 4], **(student or {})})  # the inputs below cover both sizes
     raw["rl"]["enabled"] = rl_enabled
     return parse_params(raw)
 

@@ -28,7 +28,7 @@ def _with(path: str, value):
 
 def test_defaults_load_and_are_typed():
     p = load_params(REPO / "params.yaml")
-    assert p.tasks == ["cb"] and p.student.layers == [2, 4]
+    assert p.tasks == ["cb"] and p.student.layers == [2]
     assert isinstance(p.teacher.lr, float) and p.models.generator.source == "registry"
     assert p.model_spec("encoder").name == "all-minilm-l6-v2"
 
