@@ -105,7 +105,7 @@ def test_wsc_marking():
     ex = {"text": "Mark told Pete many lies about himself , which Pete included in his book .",
           "span1_index": 0, "span2_index": 12, "span1_text": "Mark", "span2_text": "his", "label": 0}
     text = "*Mark* told Pete many lies about himself , which Pete included in [his] book ."
-    assert wsc.serialise(ex) == f"text: {text}\nspan1_text: Mark\nspan2_text: his"
+    assert wsc.serialise(ex) == f"text: {text}\ncandidate: Mark\npronoun: his"
     assert wsc.render(ex) == (text, 'Does "his" refer to "Mark"?')
     assert wsc.parse(wsc.serialise(ex)) == expected_inputs(wsc, ex)
     assert wsc.parse(f"text: {text}") == expected_inputs(wsc, ex)  # span lines optional when marks are fine
@@ -127,13 +127,13 @@ def test_wsc_marking():
 
 def test_wsc_spans_are_located_when_the_marks_are_broken():
     wsc = get_task("wsc")
-    located = wsc.read("text: Mark told *Pete about [his book .\nspan1_text: pete\nspan2_text: his")
+    located = wsc.read("text: Mark told *Pete about [his book .\ncandidate: pete\npronoun: his")
     assert located == ({"text": "Mark told Pete about his book .", "span1_index": 2, "span1_text": "pete",
                         "span2_index": 4, "span2_text": "his"}, "ok")
     # ambiguous (the span occurs twice) or absent: counted, not guessed
-    assert wsc.read("text: Pete told Pete about his book .\nspan1_text: Pete\nspan2_text: his") == \
+    assert wsc.read("text: Pete told Pete about his book .\ncandidate: Pete\npronoun: his") == \
         (None, "unlocated_span")
-    assert wsc.read("text: Mark told Pete .\nspan1_text: Anna\nspan2_text: his") == (None, "unlocated_span")
+    assert wsc.read("text: Mark told Pete .\ncandidate: Anna\npronoun: his") == (None, "unlocated_span")
 
 
 def test_wic_marking_and_offsets():
@@ -179,8 +179,8 @@ def test_parse_tolerates_whitespace_and_case_but_not_extra_text():
     # a field name without its colon, or with a space before it (SST-2 has "same sentence :"), is just a word
     assert cb.read("premise: The premise was : odd.\nhypothesis: A hypothesis premise.")[1] == "ok"
     wsc = get_task("wsc")  # the WSC probe's samples: the whole example written on the text line
-    assert wsc.read("text: text: Mark told *Pete* that [he] was late. span1_text: Pete span2_text: he\n"
-                    "span1_text: Pete\nspan2_text: he") == (None, "extra_text")
+    assert wsc.read("text: text: Mark told *Pete* that [he] was late. candidate: Pete pronoun: he\n"
+                    "candidate: Pete\npronoun: he") == (None, "extra_text")
     assert cb.read("premise: A dog ran.") == (None, "missing_field")
     assert cb.read("premise: A dog ran.\nhypothesis:   ") == (None, "missing_field")
     copa = get_task("copa")

@@ -27,7 +27,9 @@ WSC (label 1 = the pronoun span2 refers to span1)
     marker positions and the span texts from the marked surface. When the dataset's span text
     differs from the marked surface (about 90 rows differ in case, e.g. ``The lawyer`` vs text
     ``the lawyer``; a few have the wrong index or attached punctuation), an extra
-    ``span1_text:`` / ``span2_text:`` line carries the exact text, so every mirror row round-trips.
+    ``candidate:`` / ``pronoun:`` line (span1_text / span2_text) carries the exact text, so every mirror
+    row round-trips. The line names share no suffix with ``text`` (they were ``span1_text`` /
+    ``span2_text``, and prompted SmolLM2 wrote ``text: text: ...``, every field on one line).
     Classifier input: ``text_a`` = the marked text, ``text_b`` = ``Does "<span2>" refer to "<span1>"?``.
 WiC (label 1 = the word has the same sense in both sentences)
     ``word: <lemma>`` then ``sentence1``/``sentence2`` lines with the target occurrence wrapped in
@@ -290,8 +292,9 @@ class WscTask(Task):
     generator may drop or add one) it locates each span text in the unmarked text instead, if it occurs
     there exactly once, and otherwise reports ``unlocated_span``."""
 
-    _LINES = ("text", "span1_text", "span2_text")
-    _OPTIONAL = ("span1_text", "span2_text")
+    _LINES = ("text", "candidate", "pronoun")        # span1_text, span2_text
+    _OPTIONAL = ("candidate", "pronoun")
+    _SPAN_LINES: ClassVar[tuple[str, str]] = ("candidate", "pronoun")
     _MARKS: ClassVar[tuple[tuple[str, str], ...]] = (("*", "*"), ("[", "]"))
 
     def _mark(self, ex: Mapping[str, Any]) -> str:
@@ -310,8 +313,8 @@ class WscTask(Task):
         return text
 
     def _lines(self, ex: Mapping[str, Any]) -> dict[str, str]:
-        return {"text": self._mark(ex), "span1_text": normalise_ws(ex["span1_text"]),
-                "span2_text": normalise_ws(ex["span2_text"])}
+        return {"text": self._mark(ex), "candidate": normalise_ws(ex["span1_text"]),
+                "pronoun": normalise_ws(ex["span2_text"])}
 
     def _from_lines(self, vals: dict[str, str]) -> dict[str, Any] | None:
         marked = vals["text"]
@@ -334,7 +337,7 @@ class WscTask(Task):
                 s += 1
             inside_word = s > 0 and not plain[s - 1].isspace()
             out[f"span{k}_index"] = len(plain[:s].split()) - inside_word
-            out[f"span{k}_text"] = vals.get(f"span{k}_text") or surface
+            out[f"span{k}_text"] = vals.get(self._SPAN_LINES[k - 1]) or surface
         return out
 
     def _located(self, vals: dict[str, str]) -> dict[str, Any]:
@@ -342,7 +345,7 @@ class WscTask(Task):
         text = normalise_ws(re.sub(r"[*\[\]]", "", vals["text"]))
         out: dict[str, Any] = {"text": text}
         for k in (1, 2):
-            span = vals.get(f"span{k}_text")
+            span = vals.get(self._SPAN_LINES[k - 1])
             if not span:
                 raise _Unparsable("unlocated_span")
             out[f"span{k}_index"], out[f"span{k}_text"] = _locate(text.split(), span), span
