@@ -1,8 +1,8 @@
 # Shared by the experiment scripts (ablate_retrieval.sh, paper_table.sh, probe_teachers.sh,
-# probe_generate.sh): source it from
+# probe_generate.sh, probe_rl_seeds.sh): source it from
 # the checkout's root. It checks the .venv, puts it on PATH with the offline / no-telemetry environment, sets
 # `repo` and `mirror` (data.mirror_dir made absolute: a relative one is relative to this checkout, not to a
-# clone of it), and defines fresh_clone, enter_work_clone and write_params.
+# clone of it), and defines fresh_clone, enter_work_clone, split_overrides, resolve_models and write_params.
 repo=$PWD
 [ -x .venv/bin/retrikt ] || { echo "no .venv here: run 'bash scripts/run.sh test' once first" >&2; exit 2; }
 export PATH="$repo/.venv/bin:$PATH" HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true \
@@ -42,4 +42,17 @@ for kv in pairs:
     node[leaf] = load_yaml(value)
 yaml.safe_dump(p, open(dst, "w"), sort_keys=False)
 PY
+}
+
+split_overrides() {  # ARG...: items=(the ARGs before `--`), overrides=(the KEY=VALUE ARGs after it)
+  items=(); overrides=()
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do items+=("$1"); shift; done
+  if [ $# -gt 0 ]; then shift; overrides=("$@"); fi
+}
+
+resolve_models() {  # both base models into the current clone; their log in $out/setup.log
+  : >"$out/setup.log"
+  for model in encoder generator; do
+    retrikt resolve-model $model >>"$out/setup.log" 2>&1 || { tail -5 "$out/setup.log" >&2; exit 1; }
+  done
 }

@@ -15,16 +15,12 @@ cd "$(dirname "$0")/.."
 usage="usage: bash scripts/probe_generate.sh OUT_DIR LIMIT SAMPLES TASK... [-- KEY=VALUE...]"
 out=${1:?$usage}; limit=${2:?$usage}; samples=${3:?$usage}
 shift 3
-tasks=(); overrides=()
-while [ $# -gt 0 ] && [ "$1" != "--" ]; do tasks+=("$1"); shift; done
-[ $# -gt 0 ] && { shift; overrides=("$@"); }
-[ ${#tasks[@]} -gt 0 ] || { echo "$usage" >&2; exit 2; }
 source scripts/experiment-lib.sh
+split_overrides "$@"
+tasks=(${items[@]+"${items[@]}"})
+[ ${#tasks[@]} -gt 0 ] || { echo "$usage" >&2; exit 2; }
 enter_work_clone "$out"
-: >"$out/setup.log"
-for model in encoder generator; do
-  retrikt resolve-model $model >>"$out/setup.log" 2>&1 || { tail -5 "$out/setup.log" >&2; exit 1; }
-done
+resolve_models
 printf "task\ttrain_rows\tsamples\tparse_rate\tentries\ttruncated\tmax_new_tokens\teos_rate\tcut_at_last_line\tunfinished\tmissing_field\textra_text\tinvalid\tunlocated_span\tseconds\n" > "$out/generate.tsv"
 for task in "${tasks[@]}"; do
   write_params params.base.yaml params.yaml "tasks=[$task]" "data.train_limit=$limit" \
