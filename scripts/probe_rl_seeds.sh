@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Does RL improve on the step-1 prompt, seed after seed? (issue: knowledge extraction, item 6; README "RL vs the step-1 prompt")
-#   bash scripts/probe_rl_seeds.sh OUT_DIR SEED... [-- KEY=VALUE...]   (~13 min per seed on CB, 2 cores)
+# Does RL improve on the step-1 prompt, seed after seed? (issue: knowledge extraction, item 6; README "RL against the step-1 prompt, seed by seed")
+#   bash scripts/probe_rl_seeds.sh OUT_DIR SEED... [-- KEY=VALUE...]   (~25 min per seed on CB, 2 cores)
 # In a throw-away clone of this checkout (OUT_DIR/work) it runs, per seed with seed=SEED and every other param
 # the default (KEY=VALUE after `--` override them): prepare, teacher, prompt_tune and rl, i.e. what
 # `dvc exp run -S seed=SEED rl@TASK` runs. The rl stage scores the same seeded, label-balanced held-out
