@@ -42,6 +42,19 @@ def test_log_mode_one_line_per_phase_never_per_item(monkeypatch, lines):
     assert got[-1].startswith("train: 3/3 epoch in ")
 
 
+def test_log_every_gives_lines_along_the_way_not_per_item(monkeypatch, lines):
+    monkeypatch.setenv(progress.ENV, "log")
+    with bar(total=12, desc="rl updates", unit="update", log_every=5) as b:
+        for _ in range(12):
+            b.update(1)
+            b.set_postfix(reward=0.5)
+    got = [line.split(" in ")[0] for line in lines()]
+    assert got == ["rl updates: start, 12 update".split(" in ")[0], "rl updates: 5/12 update",
+                   "rl updates: 10/12 update", "rl updates: 12/12 update"], got
+    with pytest.raises(ValueError, match="log_every must be >= 1"):
+        bar(total=3, desc="x", log_every=0)
+
+
 def test_iterating_counts_items_and_closes(monkeypatch, lines):
     monkeypatch.setenv(progress.ENV, "log")
     assert list(bar(range(4), desc="embed", unit="batch", announce=False)) == [0, 1, 2, 3]

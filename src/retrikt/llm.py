@@ -95,7 +95,8 @@ def tokenize_for_training(tok, sources: Sequence[str], targets: Sequence[str], m
     """
     if len(sources) != len(targets):
         raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
-    eos, pad = eos_id(tok), tok.pad_token_id if tok.pad_token_id is not None else eos_id(tok)
+    eos = eos_id(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     src = tok(list(sources))["input_ids"]
     tgt = [t + [eos] for t in tok(list(targets), add_special_tokens=False)["input_ids"]]
     if seq2seq:

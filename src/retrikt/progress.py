@@ -26,7 +26,8 @@ disappears when it closes. What the user sees depends on where stderr goes:
   ``retrikt.progress``, on stderr through the CLI's logging set-up) when the bar closes, with the count,
   the time and the postfix: ``teacher epoch 1/6: 16/16 batch in 19.8 s (1.24 s/batch); loss 0.981``.
   The outermost open bar also logs a start line (``teacher: start, 6 epoch``) so a long phase shows what
-  it is doing before it ends; pass ``announce=True``/``False`` to decide for any bar.
+  it is doing before it ends; pass ``announce=True``/``False`` to decide for any bar. A bar whose units
+  are long (an RL update takes ~30 s) can pass ``log_every=N``: a line every N units, not only at the end.
 
 ``RETRIKT_PROGRESS`` overrides the choice: ``bar`` (always bars), ``log`` (always lines), ``off``
 (nothing), ``auto`` (the default, as above).
@@ -107,11 +108,14 @@ class Bar:
     """One progress bar (see the module docstring). Create it with :func:`bar`."""
 
     def __init__(self, iterable: Iterable | None, total: float | None, desc: str, unit: str,
-                 announce: bool | None) -> None:
+                 announce: bool | None, log_every: int | None = None) -> None:
+        if log_every is not None and log_every < 1:
+            raise ValueError(f"bar {desc!r}: log_every must be >= 1, got {log_every}")
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
         self.n: float = 0
+        self.log_every, self._logged_at = log_every, 0.0
         self.postfix: dict[str, Any] = {}
         self.mode = mode()
         self._t0 = time.perf_counter()
@@ -161,6 +165,10 @@ class Bar:
         self.n += n
         if self._tqdm is not None:
             self._tqdm.update(n)
+        elif self.mode == "log" and self.log_every and self.n - self._logged_at >= self.log_every \
+                and (self.total is None or self.n < self.total):  # the end gets the closing line
+            self._logged_at = self.n
+            log.info("%s", self.summary())
 
     def set_postfix(self, **values: Any) -> None:
         """Numbers to show beside the bar (and in the closing log line); later calls update them."""
@@ -213,10 +221,11 @@ class Bar:
 
 
 def bar(iterable: Iterable | None = None, *, total: float | None = None, desc: str, unit: str = "it",
-        announce: bool | None = None) -> Bar:
+        announce: bool | None = None, log_every: int | None = None) -> Bar:
     """A progress bar over ``iterable`` (or ``total`` units counted with ``update``); see the module
-    docstring. ``total`` defaults to ``len(iterable)`` when it has one."""
-    return Bar(iterable, total, desc, unit, announce)
+    docstring. ``total`` defaults to ``len(iterable)`` when it has one. ``log_every``: in log mode, a
+    line every that many units as well as the closing one."""
+    return Bar(iterable, total, desc, unit, announce, log_every)
 
 
 class _DropLoadReport(logging.Filter):

@@ -293,8 +293,8 @@ class WscTask(Task):
     there exactly once, and otherwise reports ``unlocated_span``."""
 
     _LINES = ("text", "candidate", "pronoun")        # span1_text, span2_text
-    _OPTIONAL = ("candidate", "pronoun")
     _SPAN_LINES: ClassVar[tuple[str, str]] = ("candidate", "pronoun")
+    _OPTIONAL = _SPAN_LINES  # a missing span line is read from the marks instead
     _MARKS: ClassVar[tuple[tuple[str, str], ...]] = (("*", "*"), ("[", "]"))
 
     def _mark(self, ex: Mapping[str, Any]) -> str:
