@@ -8,6 +8,10 @@
 # reports/experiments/table/TASK/ and rebuilds reports/experiments/table/table.{md,json} over every task
 # collected so far (scripts/paper_table.py). Commit that folder after each task: a fresh machine has no
 # DVC cache or experiment refs. Uses this checkout's .venv (`bash scripts/run.sh test` or `repro` builds it).
+# RETRIKT_TABLE_CACHE=DIR: use DIR as the clone's DVC cache (e.g. the .dvc/cache of a clone that ran the default
+# `dvc repro`): stages whose deps, params and command match a run recorded there (DVC's run-cache) are restored,
+# not recomputed. CB at the whole train split (TRAIN_LIMIT null = the default run's data) then reuses the default
+# run's store stages and its seed-0 L2 students.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 task=${1:?usage: bash scripts/paper_table.sh TASK [TRAIN_LIMIT] [SEEDS]}
@@ -25,6 +29,10 @@ write_params params.yaml "$tmp/params.yaml" "tasks=[$task]" "data.train_limit=$l
 
 fresh_clone "$work"
 cd "$work"
+if [ -n "${RETRIKT_TABLE_CACHE:-}" ]; then
+  [ -d "$RETRIKT_TABLE_CACHE" ] || { echo "paper_table: RETRIKT_TABLE_CACHE=$RETRIKT_TABLE_CACHE is not a folder" >&2; exit 2; }
+  dvc cache dir --local "$(cd "$RETRIKT_TABLE_CACHE" && pwd)"
+fi
 start=$(date +%s)
 dvc exp run -S "tasks=[$task]" -S "data.train_limit=$limit" -S "seeds=[$seeds]" -S "student.layers=[2,4]" \
   ${mirror:+-S "data.mirror_dir=$mirror"}
