@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
 # Which tasks can the default teacher learn at a train_limit? (README "The paper's table": a task belongs in
 # the table only if its teacher clearly beats the majority class)
-#   bash scripts/probe_teachers.sh OUT_DIR LIMIT TASK...      (~1-3 min per task at 250 rows, 2 cores)
+#   bash scripts/probe_teachers.sh OUT_DIR LIMIT TASK... [-- KEY=VALUE...]   (~1-3 min per task at 250 rows, 2 cores)
 # In a throw-away clone of this checkout (OUT_DIR/work) it runs `prepare` and `teacher` per task with
-# tasks=[TASK] and data.train_limit=LIMIT (every other param the default), and writes one line per task to
-# OUT_DIR/teachers.tsv: the primary metric of the teacher and of the majority class on validation, and seconds.
+# tasks=[TASK] and data.train_limit=LIMIT (every other param the default, or as KEY=VALUE sets it: e.g.
+# teacher.model=mpnet teacher.lr=3e-5 'models.mpnet={...}'), and writes one line per task to
+# OUT_DIR/teachers.tsv: the primary metric of the teacher and of the majority class on validation, and
+# seconds (the overrides to OUT_DIR/overrides.txt).
 # Uses this checkout's .venv (`bash scripts/run.sh test` or `repro` builds it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bash scripts/probe_teachers.sh OUT_DIR LIMIT TASK...}
-limit=${2:?usage: bash scripts/probe_teachers.sh OUT_DIR LIMIT TASK...}
+usage="usage: bash scripts/probe_teachers.sh OUT_DIR LIMIT TASK... [-- KEY=VALUE...]"
+out=${1:?$usage}
+limit=${2:?$usage}
 shift 2
-[ $# -gt 0 ] || { echo "usage: bash scripts/probe_teachers.sh OUT_DIR LIMIT TASK..." >&2; exit 2; }
 source scripts/experiment-lib.sh
+split_overrides "$@"
+[ ${#items[@]} -gt 0 ] || { echo "$usage" >&2; exit 2; }
 enter_work_clone "$out"
-retrikt resolve-model encoder >"$out/setup.log" 2>&1 || { tail -5 "$out/setup.log" >&2; exit 1; }
+if [ ${#overrides[@]} -gt 0 ]; then
+  write_params params.base.yaml params.base.yaml "${overrides[@]}"
+fi
+printf "%s\n" "${overrides[@]}" > "$out/overrides.txt"
+cp params.base.yaml params.yaml
+retrikt check-params --out data/params.ok >/dev/null
+teacher_model=$(python -c "from retrikt.io import load_yaml; print(load_yaml(open('params.yaml').read())['teacher']['model'])")
+retrikt resolve-model "$teacher_model" >"$out/setup.log" 2>&1 || { tail -5 "$out/setup.log" >&2; exit 1; }
 printf "task\ttrain_limit\tmetric\tteacher\tmajority\tteacher_minus_majority\tseconds\n" > "$out/teachers.tsv"
-for task in "$@"; do
+for task in "${items[@]}"; do
   write_params params.base.yaml params.yaml "tasks=[$task]" "data.train_limit=$limit" \
     ${mirror:+"data.mirror_dir=$mirror"}
   retrikt check-params --out data/params.ok >/dev/null
