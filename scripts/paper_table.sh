@@ -9,9 +9,10 @@
 # collected so far (scripts/paper_table.py). Commit that folder after each task: a fresh machine has no
 # DVC cache or experiment refs. Uses this checkout's .venv (`bash scripts/run.sh test` or `repro` builds it).
 # RETRIKT_TABLE_CACHE=DIR: use DIR as the clone's DVC cache (e.g. the .dvc/cache of a clone that ran the default
-# `dvc repro`): stages whose deps, params and command match a run recorded there (DVC's run-cache) are restored,
-# not recomputed. CB at the whole train split (TRAIN_LIMIT null = the default run's data) then reuses the default
-# run's store stages and its seed-0 L2 students.
+# `dvc repro` of this commit) and check out of it every output this commit's dvc.lock names: stages whose deps and
+# params still match are up to date and skipped. CB at the whole train split (TRAIN_LIMIT null = the default run's
+# data) then reuses the default run's store stages and its seed-0 L2 students. (DVC's run-cache cannot do this:
+# every stage also writes a `cache: false` metrics file, which turns the run-cache off for it.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 task=${1:?usage: bash scripts/paper_table.sh TASK [TRAIN_LIMIT] [SEEDS]}
@@ -32,6 +33,7 @@ cd "$work"
 if [ -n "${RETRIKT_TABLE_CACHE:-}" ]; then
   [ -d "$RETRIKT_TABLE_CACHE" ] || { echo "paper_table: RETRIKT_TABLE_CACHE=$RETRIKT_TABLE_CACHE is not a folder" >&2; exit 2; }
   dvc cache dir --local "$(cd "$RETRIKT_TABLE_CACHE" && pwd)"
+  dvc checkout --allow-missing >/dev/null
 fi
 start=$(date +%s)
 dvc exp run -S "tasks=[$task]" -S "data.train_limit=$limit" -S "seeds=[$seeds]" -S "student.layers=[2,4]" \
