@@ -25,6 +25,20 @@ REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("RETRIKT_DATA_DIR") or REPO.parent / "shared" / "data" / "glue")
 FIXTURES = Path(__file__).parent / "fixtures"
 
+def tiny_models(params: dict, encoder: Path | None = None, generator: Path | None = None) -> dict:
+    """``params`` (params.yaml's dict) with the tiny local models in place of the registry ones, and the
+    teacher pinned to the encoder: params.yaml's teacher (all-mpnet-base-v2, a 420 MB registry zip) is
+    dropped, so a test project resolves and trains tiny models only."""
+    models = params["models"]
+    for role, path, name in (("encoder", encoder, "tiny-bert"), ("generator", generator, "tiny-llama")):
+        if path is not None:
+            models[role] = {"name": name, "source": "local", "path": str(path)}
+    for key in [k for k in models if k not in ("encoder", "generator")]:
+        del models[key]
+    params["teacher"]["model"] = "encoder"
+    return params
+
+
 CORPUS = [
     "premise: the cat sat on the mat . hypothesis: a cat is sitting .",
     "premise: it rained all day . hypothesis: the ground is dry .",

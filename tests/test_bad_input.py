@@ -25,7 +25,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from .conftest import REPO
+from .conftest import REPO, tiny_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,7 +64,7 @@ def base_project(tmp_path_factory, tiny_encoder_dir):
         raw = yaml.safe_load((REPO / "params.yaml").read_text())
         raw.update(threads=1, device="cpu")
         raw["data"]["mirror_dir"] = "mirror"
-        raw["models"]["encoder"] = {"name": "tiny-bert", "source": "local", "path": str(tiny_encoder_dir)}
+        tiny_models(raw, encoder=tiny_encoder_dir)
         raw["teacher"].update(epochs=1, batch_size=8, max_length=32)
         raw["student"].update(layers=[2], epochs=1, batch_size=8, max_length=32, retrieval_candidates=8,
                               retrieval_top_k=4)

@@ -27,7 +27,7 @@ import yaml
 from retrikt.io import read_json, read_jsonl
 from retrikt.tasks import TASKS, get_task
 
-from .conftest import FIXTURES, MIRROR, REPO, fit_tiny_generator
+from .conftest import FIXTURES, MIRROR, REPO, fit_tiny_generator, tiny_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: ~6 s a task
 
@@ -75,8 +75,7 @@ def _project(root: Path, task_name: str, generator: Path, encoder: Path, source:
     p["tasks"] = [task_name]
     p["threads"] = 1  # tiny models: a second thread only thrashes
     p["data"]["mirror_dir"] = str(root / "mirror")
-    p["models"]["generator"] = {"name": "tiny-llama", "source": "local", "path": str(generator)}
-    p["models"]["encoder"] = {"name": "tiny-bert", "source": "local", "path": str(encoder)}
+    tiny_models(p, encoder=encoder, generator=generator)
     p["teacher"].update(epochs=1, batch_size=8, max_length=64)
     p["prompt_tune"].update(num_virtual_tokens=2, epochs=6, batch_size=4, max_length=192, train_limit=8)
     p["rl"].update(updates=1, batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=160, eval_samples=2)

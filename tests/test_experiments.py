@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO
+from .conftest import REPO, tiny_models
 from .test_teacher import learnable_rows
 
 pytestmark = pytest.mark.slow
@@ -88,7 +88,7 @@ def _make_repo(root: Path, encoder_dir: Path) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["threads"] = 1  # tiny models: a second thread only thrashes
     params["data"]["mirror_dir"] = "../mirror"  # relative, like the default: queued copies must find it too
-    params["models"]["encoder"] = {"name": "tiny-bert", "source": "local", "path": str(encoder_dir)}
+    tiny_models(params, encoder=encoder_dir)
     params["teacher"].update({"epochs": 1, "batch_size": 8, "max_length": 32})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]

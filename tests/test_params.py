@@ -184,14 +184,14 @@ def test_student_layers_are_checked_against_the_resolved_encoder_only(tmp_path, 
 
 
 def test_yaml_1_2_floats_are_numbers(tmp_path):
-    """`dvc exp run -S teacher.lr=3e-5` writes ``lr: 3e-05`` (ruamel, YAML 1.2); PyYAML alone reads that
-    as the string '3e-05' (YAML 1.1 floats need a dot), which used to stop the stage."""
+    """`dvc exp run -S teacher.lr=1e-4` writes ``lr: 1e-04`` (ruamel, YAML 1.2); PyYAML alone reads that
+    as the string '1e-04' (YAML 1.1 floats need a dot), which used to stop the stage."""
     text = (REPO / "params.yaml").read_text()
-    teacher_lr = "  lr: 1.0e-4\n"
-    assert teacher_lr in text and yaml.safe_load("lr: 3e-05") == {"lr": "3e-05"}
+    teacher_lr = "  lr: 3.0e-5\n"
+    assert teacher_lr in text and yaml.safe_load("lr: 1e-04") == {"lr": "1e-04"}
     f = tmp_path / "params.yaml"
-    f.write_text(text.replace(teacher_lr, "  lr: 3e-05\n", 1))
-    assert load_params(f).teacher.lr == 3e-05
-    f.write_text(text.replace(teacher_lr, "  lr: '3e-05'\n", 1))  # quoted: a string, still refused
+    f.write_text(text.replace(teacher_lr, "  lr: 1e-04\n", 1))
+    assert load_params(f).teacher.lr == 1e-04
+    f.write_text(text.replace(teacher_lr, "  lr: '1e-04'\n", 1))  # quoted: a string, still refused
     with pytest.raises(ParamsError, match="teacher.lr: expected a number"):
         load_params(f)

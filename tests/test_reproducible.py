@@ -31,7 +31,7 @@ import yaml
 
 from retrikt.tasks import get_task
 
-from .conftest import REPO, fit_tiny_generator
+from .conftest import REPO, fit_tiny_generator, tiny_models
 from .test_train_student import keyword_rows
 
 pytestmark = pytest.mark.slow
@@ -45,8 +45,7 @@ def _params(mirror: Path, generator: Path, encoder: Path) -> dict:
     p = yaml.safe_load((REPO / "params.yaml").read_text())
     p.update(tasks=["cb"], seeds=[0], threads=1, device=DEVICE)
     p["data"].update(mirror_dir=str(mirror), train_limit=None, validation_limit=None)
-    p["models"]["generator"] = {"name": "tiny-llama", "source": "local", "path": str(generator)}
-    p["models"]["encoder"] = {"name": "tiny-bert", "source": "local", "path": str(encoder)}
+    tiny_models(p, encoder=encoder, generator=generator)
     p["teacher"].update(epochs=12, batch_size=8, max_length=48)
     p["prompt_tune"].update(num_virtual_tokens=2, epochs=2, batch_size=4, max_length=96, train_limit=8)
     p["rl"].update(updates=1, batch_size=4, mini_batch_size=2, ppo_epochs=1, max_new_tokens=48, eval_samples=2)

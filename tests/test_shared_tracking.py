@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO
+from .conftest import REPO, tiny_models
 from .test_teacher import learnable_rows
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,7 @@ def make_project(root: Path, encoder_dir: Path, remote: Path | None = None) -> P
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params.update(threads=1, device="cpu")
     params["data"]["mirror_dir"] = str(root / "mirror")
-    params["models"]["encoder"] = {"name": "tiny-bert", "source": "local", "path": str(encoder_dir)}
+    tiny_models(params, encoder=encoder_dir)
     params["teacher"].update({"epochs": 1, "batch_size": 8, "max_length": 32})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = _env()
