@@ -15,7 +15,7 @@ import yaml
 from retrikt import progress
 from retrikt.progress import bar
 
-from .conftest import REPO
+from .conftest import REPO, tiny_models
 from .test_teacher import learnable_rows
 
 
@@ -100,7 +100,7 @@ def test_fresh_head_is_one_line_not_a_load_report(tiny_encoder_dir, capfd, caplo
 def test_stage_log_off_a_terminal_is_lean(tmp_path, tiny_encoder_dir, monkeypatch):
     """The teacher stage as DVC runs it (stderr a pipe): its phases, no tables, no library bars."""
     monkeypatch.chdir(tmp_path)
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = tiny_models(yaml.safe_load((REPO / "params.yaml").read_text()))
     raw["teacher"].update({"epochs": 2, "batch_size": 8, "max_length": 32})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     shutil.copytree(tiny_encoder_dir, tmp_path / "models/base/encoder")

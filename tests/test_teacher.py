@@ -16,7 +16,7 @@ from retrikt.seeding import seed_everything
 from retrikt.teacher import teacher
 from retrikt.tracking import StageRun
 
-from .conftest import REPO
+from .conftest import REPO, tiny_models
 
 WORDS = {0: "good great yes", 1: "bad terrible no", 2: "movie film dog"}  # the label is in the hypothesis
 
@@ -32,8 +32,9 @@ def test_mean_pool_ignores_padding():
 
 
 def test_teacher_stage_learns_and_writes_outputs(in_tmp_repo, tiny_encoder_dir, one_thread):
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["teacher"].update({"epochs": 15, "lr": 3e-3, "batch_size": 8, "max_length": 32, "warmup_ratio": 0.0})
+    raw = tiny_models(yaml.safe_load((REPO / "params.yaml").read_text()))
+    raw["teacher"].update({"epochs": 15, "lr": 3e-3, "batch_size": 8, "max_length": 32, "warmup_ratio": 0.0,
+                           "dtype": "float32"})
     params = parse_params(raw)
     seed_everything(params.seed)  # the CLI does this before every stage; the fresh head follows it
     shutil.copytree(tiny_encoder_dir, paths.base_model("encoder"))
