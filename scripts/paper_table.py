@@ -120,7 +120,9 @@ def table(root: Path, samples: int, confidence: float, seed: int,
         hours += run["wall_seconds"] / 3600
         st = t["store"] or {}
         rm = ((t["index"] or {}).get("rm_retrieval") or {}).get(primary)
+        teacher_model = load_yaml((d / "params.yaml").read_text())["teacher"]["model"]
         stores.append({"task": name, "hours": run["wall_seconds"] / 3600, "threads": run["threads"],
+                       "cpu": run.get("cpu"), "teacher_model": teacher_model,
                        "teacher": read_json(d / "metrics" / "teacher.json").get(primary), "rm_retrieval": rm,
                        **{k: st.get(k) for k in STORE_KEYS}})
         for size, s in t["students"].items():
@@ -184,14 +186,15 @@ def render(t: dict, title: str = TITLE) -> str:
         lines.append(f"| {size[1:]} | {means} | " + " | ".join(cols) + " |")
     lines += ["", "The knowledge store per task (the `generate` stage's metrics):", "",
               "| task | samples | entries | parse rate | ended by themselves | EOS | truncated | max_new_tokens "
-              "| teacher agreement | self-BLEU store / train | teacher / reward model as the retriever | run hours |",
-              "|---|" + "---:|" * 11]
+              "| teacher agreement | self-BLEU store / train | teacher (model) / reward model as the retriever "
+              "| run hours | CPU |",
+              "|---|" + "---:|" * 11 + "---|"]
     for e in t["stores"]:
         lines.append(f"| {e['task']} | {_int(e['samples'])} | {_int(e['size'])} | {_fmt(e['parse_rate'])} | "
                      f"{_fmt(e['finished_rate'])} | {_fmt(e['eos_rate'])} | {_int(e['truncated_in_store'])} | "
                      f"{_int(e['max_new_tokens'])} | {_fmt(e['teacher_agreement'])} | {_fmt(e['self_bleu'])} / "
-                     f"{_fmt(e['self_bleu_train'])} | {_fmt(e['teacher'])} / {_fmt(e['rm_retrieval'])} | "
-                     f"{e['hours']:.2f} |")
+                     f"{_fmt(e['self_bleu_train'])} | {_fmt(e['teacher'])} ({e['teacher_model']}) / "
+                     f"{_fmt(e['rm_retrieval'])} | {e['hours']:.2f} | {e['cpu'] or '?'} |")
     threads = sorted({e["threads"] for e in t["stores"]})
     lines += ["", f"Tasks: {len(t['tasks'])}; run time {t['run_hours']:.2f} h wall in all, at "
               f"{'/'.join(map(str, threads))} threads (core hours: wall × threads).", ""]

@@ -56,6 +56,9 @@ def test_collect_then_table(tmp_path, monkeypatch, paper_table):
         assert pooled["vs_best"]["sign_test"] == {"positive": 1, "negative": 0, "ties": 0, "p_value": 1.0}
     assert table["run_hours"] == pytest.approx(1.5)
     assert "| cb (" in md and "(vs mgskd)" in md and "1.50 h wall in all, at 2 threads" in md
+    # rows may come from different teachers and machines: the store table names both
+    assert table["stores"][0]["teacher_model"] == params["teacher"]["model"]
+    assert f"({params['teacher']['model']}) / " in md and f"| {run['cpu']} |" in md
 
     shutil.rmtree(root / "cb")
     with pytest.raises(SystemExit, match="no task under"):
