@@ -4,8 +4,9 @@
       copy what a finished run in CLONE made for TASK into reports/experiments/table/TASK/
       (params.yaml, dvc.lock, results.{json,md}, the task's metrics, predictions, plots and figures,
       run.json: commit, times, machine, threads)
-  python scripts/paper_table.py table [--root reports/experiments/table]
-      rebuild table.{md,json} over every task collected so far: per task and student size each method's
+  python scripts/paper_table.py table [--root reports/experiments/table] [--tasks A,B --name NAME]
+      rebuild table.{md,json} over every task collected so far (or NAME.{md,json} over the tasks
+      named): per task and student size each method's
       mean ± std over seeds, RetriKT − best baseline and RetriKT − RetriKT-KD with the run's own paired
       bootstrap CI, then across tasks the equal-weight mean, a paired bootstrap stratified by task
       (retrikt.report.stats.pooled_bootstrap) and a sign test over tasks, and the run hours.
@@ -107,10 +108,15 @@ def _preds(task_dir: Path, task, method: str, layers: int, seeds: list[int]) -> 
 
 
 def table(root: Path, samples: int, confidence: float, seed: int,
-          title: str = TITLE) -> tuple[dict, str]:
+          title: str = TITLE, only: list[str] | None = None) -> tuple[dict, str]:
     tasks = sorted(p.parent.name for p in root.glob("*/results.json"))
     if not tasks:
         sys.exit(f"paper_table: no task under {root} (run bash scripts/paper_table.sh TASK first)")
+    if only:
+        missing = sorted(set(only) - set(tasks))
+        if missing:
+            sys.exit(f"paper_table: no collected run for {', '.join(missing)} under {root} (have {', '.join(tasks)})")
+        tasks = sorted(set(only))
     rows, stores, per_size, hours = [], [], {}, 0.0
     for name in tasks:
         d = root / name
@@ -216,13 +222,16 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--confidence", type=float, default=0.95)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--title", default=TITLE)
+    t.add_argument("--tasks", default="", help="comma-separated subset of the collected tasks (default: all)")
+    t.add_argument("--name", default="table", help="output stem under --root: NAME.md and NAME.json")
     args = ap.parse_args(argv)
     if args.cmd == "collect":
         print(collect(args.clone, args.task, args.started, args.ended, args.root))
         return
-    out, md = table(args.root, args.samples, args.confidence, args.seed, args.title)
-    atomic_write_json(args.root / "table.json", out)
-    atomic_write_text(args.root / "table.md", md)
+    only = [x.strip() for x in args.tasks.split(",") if x.strip()]
+    out, md = table(args.root, args.samples, args.confidence, args.seed, args.title, only)
+    atomic_write_json(args.root / f"{args.name}.json", out)
+    atomic_write_text(args.root / f"{args.name}.md", md)
     print(md)
 
 

@@ -60,6 +60,14 @@ def test_collect_then_table(tmp_path, monkeypatch, paper_table):
     assert table["stores"][0]["teacher_model"] == params["teacher"]["model"]
     assert f"({params['teacher']['model']}) / " in md and f"| {run['cpu']} |" in md
 
+    # a named subset: the same rows; a task never collected is one clear line
+    sub, _ = paper_table.table(root, samples=200, confidence=0.95, seed=0, only=["cb"])
+    assert sub["rows"] == table["rows"]
+    with pytest.raises(SystemExit, match="no collected run for rte"):
+        paper_table.table(root, samples=10, confidence=0.95, seed=0, only=["cb", "rte"])
+    paper_table.main(["table", "--root", str(root), "--samples", "50", "--tasks", "cb", "--name", "subset"])
+    assert read_json(root / "subset.json")["tasks"] == ["cb"] and (root / "subset.md").exists()
+
     shutil.rmtree(root / "cb")
     with pytest.raises(SystemExit, match="no task under"):
         paper_table.table(root, samples=10, confidence=0.95, seed=0)
