@@ -6,9 +6,8 @@
       run.json: commit, times, machine, threads)
   python scripts/paper_table.py table [--root reports/experiments/table] [--tasks A,B --name NAME]
       rebuild table.{md,json} over every task collected so far (or NAME.{md,json} over the tasks
-      named): per task and student size each method's
-      mean ± std over seeds, RetriKT − best baseline and RetriKT − RetriKT-KD with the run's own paired
-      bootstrap CI, then across tasks the equal-weight mean, a paired bootstrap stratified by task
+      named): per task and student size each method's mean ± std over seeds, RetriKT − best baseline
+      and RetriKT − RetriKT-KD with the run's own paired bootstrap CI, then across tasks the equal-weight mean, a paired bootstrap stratified by task
       (retrikt.report.stats.pooled_bootstrap) and a sign test over tasks, and the run hours.
 
 ``bash scripts/paper_table.sh TASK`` runs a task and calls both. Uses this checkout's .venv.
@@ -128,7 +127,7 @@ def table(root: Path, samples: int, confidence: float, seed: int,
         rm = ((t["index"] or {}).get("rm_retrieval") or {}).get(primary)
         teacher_model = load_yaml((d / "params.yaml").read_text())["teacher"]["model"]
         stores.append({"task": name, "hours": run["wall_seconds"] / 3600, "threads": run["threads"],
-                       "cpu": run.get("cpu"), "teacher_model": teacher_model,
+                       "cpu": run["cpu"], "teacher_model": teacher_model,
                        "teacher": read_json(d / "metrics" / "teacher.json").get(primary), "rm_retrieval": rm,
                        **{k: st.get(k) for k in STORE_KEYS}})
         for size, s in t["students"].items():
@@ -200,7 +199,7 @@ def render(t: dict, title: str = TITLE) -> str:
                      f"{_fmt(e['finished_rate'])} | {_fmt(e['eos_rate'])} | {_int(e['truncated_in_store'])} | "
                      f"{_int(e['max_new_tokens'])} | {_fmt(e['teacher_agreement'])} | {_fmt(e['self_bleu'])} / "
                      f"{_fmt(e['self_bleu_train'])} | {_fmt(e['teacher'])} ({e['teacher_model']}) / "
-                     f"{_fmt(e['rm_retrieval'])} | {e['hours']:.2f} | {e['cpu'] or '?'} |")
+                     f"{_fmt(e['rm_retrieval'])} | {e['hours']:.2f} | {e['cpu']} |")
     threads = sorted({e["threads"] for e in t["stores"]})
     lines += ["", f"Tasks: {len(t['tasks'])}; run time {t['run_hours']:.2f} h wall in all, at "
               f"{'/'.join(map(str, threads))} threads (core hours: wall × threads).", ""]
