@@ -7,8 +7,9 @@
   python scripts/paper_table.py table [--root reports/experiments/table] [--tasks A,B --name NAME]
       rebuild table.{md,json} over every task collected so far (or NAME.{md,json} over the tasks
       named): per task and student size each method's mean ± std over seeds, RetriKT − best baseline
-      and RetriKT − RetriKT-KD with the run's own paired bootstrap CI, then across tasks the equal-weight mean, a paired bootstrap stratified by task
-      (retrikt.report.stats.pooled_bootstrap) and a sign test over tasks, and the run hours.
+      and RetriKT − RetriKT-KD with the run's own paired bootstrap CI, then across tasks the equal-weight
+      mean, a paired bootstrap stratified by task (retrikt.report.stats.pooled_bootstrap) and a sign
+      test over tasks, and the run hours.
 
 ``bash scripts/paper_table.sh TASK`` runs a task and calls both. Uses this checkout's .venv.
 """
